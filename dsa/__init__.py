@@ -1,0 +1,23 @@
+"""DeepSeek Sparse Attention (lightning indexer + top-k sparse attention) for Qwen2 models.
+
+    model = dsa.add_indexers(AutoModelForCausalLM.from_pretrained(...), dsa.DSAConfig(index_topk=512))
+    dsa.set_mode(model, "warmup" | "sparse" | "dense")
+    out = model(input_ids, labels=labels)   # out.loss (LM), out.indexer_loss (KL, training mode)
+
+Importing dsa registers the "qwen2_dsa" config type, so AutoModelForCausalLM reloads saved DSA models.
+"""
+
+from .config import DSAConfig, Qwen2DSAConfig
+from .modeling import MODES, DSACausalLMOutput, Qwen2DSAAttention, Qwen2DSAForCausalLM, add_indexers, set_mode, set_topk
+
+__all__ = [
+    "DSAConfig",
+    "Qwen2DSAConfig",
+    "Qwen2DSAForCausalLM",
+    "Qwen2DSAAttention",
+    "DSACausalLMOutput",
+    "MODES",
+    "add_indexers",
+    "set_mode",
+    "set_topk",
+]

@@ -1,0 +1,87 @@
+"""Top-k selection and sparse attention, in query chunks (never a tensor of H * L * L).
+
+Notation: B batch, Hq query heads, Hkv key/value heads (G = Hq / Hkv query heads per KV head),
+T queries in this call, S keys (cached + new), K = min(topk, S) selected keys per query, D head dim.
+A query at cache index i may attend key s iff s <= i and key s is not padding ("allowed").
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .indexer import index_scores
+
+# Queries per chunk are chosen so that (queries x keys) stays under this many elements.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def query_chunks(n_queries: int, n_keys: int, chunk_elements: int = CHUNK_ELEMENTS):
+    """Slices over the queries, each with at most max(1, chunk_elements // n_keys) of them."""
+    size = max(1, chunk_elements // max(n_keys, 1))
+    for start in range(0, n_queries, size):
+        yield slice(start, min(start + size, n_queries))
+
+
+def allowed_keys(query_index: torch.Tensor, key_padding: torch.Tensor | None, n_keys: int) -> torch.Tensor:
+    """allowed[b, t, s] = (s <= query_index[t]) and key s is a real token.
+
+    query_index: T (cache index of each query); key_padding: B, S bool (True = real) or None.
+    Returns B (or 1), T, S bool.
+    """
+    keys = torch.arange(n_keys, device=query_index.device)
+    allowed = (keys[None, :] <= query_index[:, None])[None]  # 1, T, S
+    if key_padding is not None:
+        allowed = allowed & key_padding[:, None, :]
+    return allowed
+
+
+@torch.no_grad()
+def select_topk(q_idx, k_idx, w_idx, allowed: torch.Tensor, topk: int):
+    """The top-k keys of each query by index score, among its allowed keys.
+
+    q_idx: B, T, H_I, d_I; k_idx: B, S, d_I; w_idx: B, T, H_I; allowed: B, T, S.
+    Returns indices B, T, K (long) and valid B, T, K (bool). A selected slot is valid only if its key is
+    allowed: when a row has fewer than K allowed keys, topk also returns masked positions, and those
+    must never be attended.
+    """
+    scores = index_scores(q_idx, k_idx, w_idx)  # B, T, S
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    k = min(topk, scores.shape[-1])
+    indices = scores.topk(k, dim=-1, sorted=False).indices  # B, T, K
+    valid = allowed.expand_as(scores).gather(-1, indices)
+    return indices, valid
+
+
+def gather_keys(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """x: B, Hkv, S, D; indices: B, T, K  ->  B, Hkv, T, K, D (one gather per KV head)."""
+    B, Hkv = x.shape[:2]
+    batch = torch.arange(B, device=x.device)[:, None, None, None]
+    head = torch.arange(Hkv, device=x.device)[None, :, None, None]
+    return x[batch, head, indices[:, None]]
+
+
+def grouped_logits(q: torch.Tensor, k_sel: torch.Tensor, scaling: float) -> torch.Tensor:
+    """q: B, Hq, T, D; k_sel: B, Hkv, T, K, D  ->  logits B, Hkv, T, G, K.
+
+    Each KV head's gathered keys serve its G query heads in one batched matmul.
+    Query head h belongs to KV head h // G (the repeat_kv convention of transformers).
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k_sel.shape[1]
+    q = q.view(B, Hkv, Hq // Hkv, T, D).transpose(2, 3)  # B, Hkv, T, G, D
+    return torch.matmul(q, k_sel.transpose(-1, -2)) * scaling  # B, Hkv, T, G, K
+
+
+def sparse_attention(q, k, v, indices, valid, scaling: float) -> torch.Tensor:
+    """softmax over the selected keys of each query, shared by all heads.
+
+    q: B, Hq, T, D; k, v: B, Hkv, S, D; indices, valid: B, T, K  ->  B, T, Hq, D
+    (the layout transformers' attention functions return). A query with no valid key outputs zeros.
+    """
+    B, Hq, T, D = q.shape
+    k_sel, v_sel = gather_keys(k, indices), gather_keys(v, indices)  # B, Hkv, T, K, D
+    logits = grouped_logits(q, k_sel, scaling)  # B, Hkv, T, G, K
+    mask = valid[:, None, :, None, :]
+    logits = logits.float().masked_fill(~mask, torch.finfo(torch.float32).min)
+    probs = (F.softmax(logits, dim=-1) * mask).to(v.dtype)
+    out = torch.matmul(probs, v_sel)  # B, Hkv, T, G, D
+    return out.permute(0, 2, 1, 3, 4).reshape(B, T, Hq, D)
