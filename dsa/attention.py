@@ -14,9 +14,9 @@ from .indexer import index_scores
 CHUNK_ELEMENTS = 1 << 22
 
 
-def query_chunks(n_queries: int, n_keys: int, chunk_elements: int = CHUNK_ELEMENTS):
-    """Slices over the queries, each with at most max(1, chunk_elements // n_keys) of them."""
-    size = max(1, chunk_elements // max(n_keys, 1))
+def query_chunks(n_queries: int, n_keys: int):
+    """Slices over the queries, each with at most max(1, CHUNK_ELEMENTS // n_keys) of them."""
+    size = max(1, CHUNK_ELEMENTS // max(n_keys, 1))
     for start in range(0, n_queries, size):
         yield slice(start, min(start + size, n_queries))
 
