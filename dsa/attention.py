@@ -34,16 +34,26 @@ def allowed_keys(query_index: torch.Tensor, key_padding: torch.Tensor | None, n_
     return allowed
 
 
+def break_zero_ties(scores: torch.Tensor) -> torch.Tensor:
+    """Order exact-zero index scores by recency. ReLU makes I[t, s] exactly 0 whenever every indexer head
+    sees q . k <= 0, so many keys can tie at the k-th place, and torch.topk would pick among them
+    arbitrarily (differently for a full forward and a cached decode). Zeros become tiny positives that
+    grow with the key index: below any real positive score, and the most recent tied keys win."""
+    key_index = torch.arange(1, scores.shape[-1] + 1, device=scores.device, dtype=scores.dtype)
+    return torch.where(scores == 0, key_index * 1e-30, scores)
+
+
 @torch.no_grad()
 def select_topk(q_idx, k_idx, w_idx, allowed: torch.Tensor, topk: int):
     """The top-k keys of each query by index score, among its allowed keys.
 
     q_idx: B, T, H_I, d_I; k_idx: B, S, d_I; w_idx: B, T, H_I; allowed: B, T, S.
+    Exact-zero ties go to the most recent keys (`break_zero_ties`).
     Returns indices B, T, K (long) and valid B, T, K (bool). A selected slot is valid only if its key is
     allowed: when a row has fewer than K allowed keys, topk also returns masked positions, and those
     must never be attended.
     """
-    scores = index_scores(q_idx, k_idx, w_idx)  # B, T, S
+    scores = break_zero_ties(index_scores(q_idx, k_idx, w_idx))  # B, T, S
     scores = scores.masked_fill(~allowed, float("-inf"))
     k = min(topk, scores.shape[-1])
     indices = scores.topk(k, dim=-1, sorted=False).indices  # B, T, K
