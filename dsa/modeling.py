@@ -17,6 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicCache, DynamicIndexedLayer
+from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, apply_rotary_pos_emb, eager_attention_forward
@@ -218,11 +219,14 @@ def add_indexers(model: Qwen2ForCausalLM, dsa_config: DSAConfig) -> Qwen2DSAForC
     if not isinstance(dsa_config, DSAConfig):
         raise TypeError(f"dsa_config must be a dsa.DSAConfig, got {type(dsa_config).__name__}")
     param = next(model.parameters())
-    dsa_model = Qwen2DSAForCausalLM(dsa_config_from(model.config, dsa_config))
-    dsa_model.to(device=param.device, dtype=param.dtype)
+    with no_init_weights():  # the base weights are copied below: skip their random init
+        dsa_model = Qwen2DSAForCausalLM._from_config(dsa_config_from(model.config, dsa_config), dtype=param.dtype)
+    dsa_model.to(param.device)
     missing, unexpected = dsa_model.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(".indexer." not in name for name in missing):
         raise RuntimeError(f"weights did not map onto the DSA model: missing {missing}, unexpected {unexpected}")
+    for layer in dsa_model.model.layers:
+        layer.self_attn.indexer.apply(dsa_model._init_weights)  # normal(0, initializer_range); LayerNorm 1, 0
     dsa_model.generation_config = model.generation_config
     dsa_model.train(model.training)
     return dsa_model

@@ -382,3 +382,16 @@ def test_rows_with_fewer_allowed_keys_than_k_never_attend_masked_keys():
     for t in range(3):
         chosen = {int(i) for i, ok in zip(indices[0, t], valid[0, t]) if ok}
         assert chosen == set(range(t + 1))  # every causal key, and never a future one
+
+
+def test_bf16_model_dense_mode_is_bitwise_the_stock_model():
+    # a cast of the whole DSA model to bf16 would also cast the RoPE inv_freq buffer and shift every angle
+    base = tiny_qwen2().to(torch.bfloat16)
+    model = dsa.add_indexers(base, dsa.DSAConfig(index_n_heads=2, index_head_dim=16, index_rope_dim=8)).eval()
+    dsa.set_mode(model, "dense")
+    x = tokens(1, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, base(x).logits)
+    ix = model.model.layers[0].self_attn.indexer
+    assert ix.wq.weight.dtype == torch.bfloat16 and 0.01 < ix.wq.weight.float().std() < 0.03
+    assert torch.equal(ix.k_norm.weight, torch.ones_like(ix.k_norm.weight))
