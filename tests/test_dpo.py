@@ -1,0 +1,275 @@
+"""DPO (dsa/dpo.py): the loss and log-probs against independent computations, reply-only labels,
+truncation, malformed rows, the frozen reference, and learning on the bundled COIG-P-format samples."""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+import dsa
+from dsa.dpo import IGNORE, DPOLoss, PreferencePairs, collate, dpo_loss, parse_row, read_rows, sequence_logps, tokenize_pair
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "coig_p_sample.jsonl"
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A character-level tokenizer over the bundled samples' characters, with a ChatML template."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    chars = sorted(set(SAMPLES.read_text(encoding="utf-8")) | set("abcdefghijklmnopqrstuvwxyz0123456789 \n"))
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
+        additional_special_tokens=specials[:3],
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def tiny_qwen2(vocab_size: int, seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def tiny_dsa(vocab_size: int, topk: int = 4) -> dsa.Qwen2DSAForCausalLM:
+    torch.manual_seed(1)
+    return dsa.add_indexers(
+        tiny_qwen2(vocab_size), dsa.DSAConfig(index_n_heads=2, index_head_dim=16, index_rope_dim=8, index_topk=topk)
+    )
+
+
+def sample_pairs(tokenizer, n: int, max_length: int = 128) -> list[dict]:
+    rows = [parse_row(row) for row in read_rows(str(SAMPLES))]
+    return [tokenize_pair(tokenizer, *row, max_length) for row in rows[:n]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loss and the log-probs
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_dpo_loss_matches_hand_computation():
+    pc, pr = [-3.0, -10.0, -4.5], [-5.0, -9.0, -4.0]
+    rc, rr = [-4.0, -9.5, -4.5], [-4.0, -9.5, -6.0]
+    beta = 0.5
+    margins = [beta * ((pc[i] - rc[i]) - (pr[i] - rr[i])) for i in range(3)]  # 1.5, -0.75, -1.25
+    expected = sum(math.log(1 + math.exp(-m)) for m in margins) / 3
+    t = lambda xs: torch.tensor(xs, requires_grad=True)  # noqa: E731
+    loss, metrics = dpo_loss(t(pc), t(pr), t(rc), t(rr), beta)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-6)
+    assert metrics["reward_accuracy"] == pytest.approx(1 / 3)
+    assert metrics["reward_margin"] == pytest.approx(sum(margins) / 3)
+    assert metrics["chosen_reward"] == pytest.approx(beta * sum(pc[i] - rc[i] for i in range(3)) / 3)
+    assert metrics["rejected_reward"] == pytest.approx(beta * sum(pr[i] - rr[i] for i in range(3)) / 3)
+
+
+def test_dpo_loss_gradient_never_reaches_reference():
+    ref_c, ref_r = torch.tensor([-2.0], requires_grad=True), torch.tensor([-3.0], requires_grad=True)
+    pol_c, pol_r = torch.tensor([-2.0], requires_grad=True), torch.tensor([-3.0], requires_grad=True)
+    loss, _ = dpo_loss(pol_c, pol_r, ref_c, ref_r, 0.1)
+    loss.backward()
+    assert ref_c.grad is None and ref_r.grad is None
+    # d/d pi_c of -log sigmoid(beta * m) at m = 0: -beta / 2
+    assert pol_c.grad.item() == pytest.approx(-0.05) and pol_r.grad.item() == pytest.approx(0.05)
+
+
+def test_sequence_logps_sums_labelled_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 1, IGNORE], [IGNORE, 6, 0, 2, 5]])
+    expected = []
+    for b in range(2):
+        total = 0.0
+        for t in range(1, 5):
+            if labels[b, t] != IGNORE:
+                total += torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]].item()
+        expected.append(total)
+    assert torch.allclose(sequence_logps(logits, labels), torch.tensor(expected), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "dsa"])
+def test_policy_equal_to_reference_gives_log2_and_zero_rewards(tokenizer, kind):
+    model = tiny_qwen2(len(tokenizer)) if kind == "dense" else tiny_dsa(len(tokenizer))
+    batch = collate(sample_pairs(tokenizer, 4), tokenizer.pad_token_id)
+    loss, metrics = DPOLoss(copy.deepcopy(model), beta=0.1, train_indexer=False)(model.train(), batch)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    for name in ("chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy"):
+        assert metrics[name] == pytest.approx(0.0, abs=1e-6)
+    if kind == "dsa":  # sequences are longer than k: sparse attention is on, and its indexer loss is logged
+        assert batch["attention_mask"].sum(-1).min() > 4 and metrics["indexer_kl"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: labels, truncation, malformed rows, sources
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_labels_only_on_reply_tokens(tokenizer):
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "why?"}]
+    pair = tokenize_pair(tokenizer, messages, "because.", "no", max_length=512)
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    for name, reply in (("chosen", "because."), ("rejected", "no")):
+        ids, labels = pair[f"{name}_input_ids"], pair[f"{name}_labels"]
+        assert len(ids) == len(labels)
+        assert labels[:n_prompt] == [IGNORE] * n_prompt and IGNORE not in labels[n_prompt:]
+        assert labels[n_prompt:] == ids[n_prompt:]
+        assert tokenizer.decode(ids[:n_prompt]) == prompt
+        assert tokenizer.decode(ids[n_prompt:]) == reply + "<|im_end|>\n"
+    assert pair["chosen_input_ids"][:n_prompt] == pair["rejected_input_ids"][:n_prompt]
+    batch = collate([pair], tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 2
+    assert (batch["labels"] != IGNORE).sum(-1).tolist() == [len(ids) - n_prompt for ids in (pair["chosen_input_ids"], pair["rejected_input_ids"])]
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+
+
+def test_truncation_keeps_prompt_end_and_reply_start(tokenizer):
+    messages = [{"role": "user", "content": "x" * 100}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    chosen, rejected = "a" * 60, "b" * 10
+    L = 64
+    pair = tokenize_pair(tokenizer, messages, chosen, rejected, max_length=L)
+    assert pair["truncated"]
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        ids, labels = pair[f"{name}_input_ids"], pair[f"{name}_labels"]
+        assert len(ids) <= L
+        n_prompt = labels.count(IGNORE)
+        assert n_prompt == L // 2  # longest reply (62 tokens) > L // 2: the prompt keeps L // 2 tokens
+        assert prompt.endswith(tokenizer.decode(ids[:n_prompt]))  # the end of the prompt, header included
+        assert (reply + "<|im_end|>\n").startswith(tokenizer.decode(ids[n_prompt:]))
+    short = tokenize_pair(tokenizer, messages, "ok", "no", max_length=L)  # only the prompt is too long
+    assert len(short["chosen_input_ids"]) == L and tokenizer.decode(short["chosen_input_ids"]).endswith("ok<|im_end|>\n")
+    assert not tokenize_pair(tokenizer, messages, "ok", "no", max_length=512)["truncated"]
+
+
+def good_row(i: int) -> dict:
+    return {
+        "conversations": [{"from": "human", "value": f"question {i}"}],
+        "chosen": {"from": "gpt", "value": f"a good answer {i}"},
+        "rejected": {"from": "gpt", "value": "no"},
+    }
+
+
+BAD_ROWS = [
+    {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"}},  # no rejected
+    {"conversations": [], "chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "b"}},
+    {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],  # ends with gpt
+     "chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "b"}},
+    {"conversations": [{"from": "robot", "value": "q"}],  # unknown role
+     "chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "b"}},
+    {"conversations": [{"from": "human", "value": 3}],  # not a string
+     "chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "b"}},
+    {"conversations": [{"from": "human", "value": "q"}], "chosen": "a", "rejected": {"from": "gpt", "value": "b"}},
+    {"conversations": [{"from": "human", "value": "q"}],  # same reply twice
+     "chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "a"}},
+    [1, 2, 3],
+]
+
+
+def test_malformed_rows_skipped_and_counted(tokenizer, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    lines = [json.dumps(good_row(i)) for i in range(3)] + [json.dumps(r) for r in BAD_ROWS] + ["{not json", json.dumps(good_row(3))]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    data = PreferencePairs(str(path), tokenizer, max_length=256, shuffle_buffer=1)
+    stream = iter(data)
+    pairs = [next(stream) for _ in range(4)]
+    assert data.skipped == len(BAD_ROWS) + 1
+    assert sorted(tokenizer.decode(p["chosen_labels"][p["chosen_labels"].count(IGNORE):]) for p in pairs) == [
+        f"a good answer {i}<|im_end|>\n" for i in range(4)
+    ]
+    more = [next(stream) for _ in range(4)]  # the second pass repeats the data without counting again
+    assert data.skipped == len(BAD_ROWS) + 1 and data.passes == 1 and len(more) == 4
+
+
+def test_parquet_source_reads_the_same_columns(tokenizer, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [good_row(i) for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    assert [parse_row(r) for r in read_rows(str(tmp_path / "train.parquet"))] == [parse_row(r) for r in rows]
+    assert [parse_row(r) for r in read_rows(str(tmp_path))] == [parse_row(r) for r in rows]  # a directory
+
+
+def test_missing_source_fails_early_naming_it(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        PreferencePairs(str(tmp_path / "nope.jsonl"), tokenizer, max_length=64)
+    with pytest.raises(ValueError, match="no valid preference pairs"):
+        (tmp_path / "bad.jsonl").write_text("{}\n")
+        next(iter(PreferencePairs(str(tmp_path / "bad.jsonl"), tokenizer, max_length=64)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training: the reference never changes, the indexer learns or stays frozen, preferences are learned
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train_indexer", [True, False])
+def test_reference_frozen_and_indexer_flag(tokenizer, train_indexer):
+    model = tiny_dsa(len(tokenizer)).train()
+    ref = copy.deepcopy(model)
+    ref_before = {k: v.clone() for k, v in ref.state_dict().items()}
+    model_before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_fn = DPOLoss(ref, beta=0.1, train_indexer=train_indexer)
+    model.requires_grad_(True)
+    if not train_indexer:
+        for name, p in model.named_parameters():
+            p.requires_grad_(".indexer." not in name)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    pairs = sample_pairs(tokenizer, 8)
+    for step in range(3):
+        loss, _ = loss_fn(model, collate(pairs[2 * step : 2 * step + 2], tokenizer.pad_token_id))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    assert all(torch.equal(ref_before[k], v) for k, v in ref.state_dict().items())
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(model_before[k], v)}
+    assert any(".indexer." not in k for k in changed)  # the base model learns
+    assert any(".indexer." in k for k in changed) == train_indexer
+
+
+def test_dpo_learns_preferences_on_bundled_samples(tokenizer):
+    """A few dozen DPO steps on most of the bundled pairs: the held-out pairs' reward accuracy rises
+    from 0 (policy == reference) and the policy ranks their chosen reply above the rejected one more often."""
+    pairs = sample_pairs(tokenizer, 216)
+    train, held_out = pairs[:176], collate(pairs[176:], tokenizer.pad_token_id)
+    model = tiny_qwen2(len(tokenizer))
+    loss_fn = DPOLoss(copy.deepcopy(model), beta=0.1)
+
+    def evaluate():
+        with torch.no_grad():
+            out = model.eval()(input_ids=held_out["input_ids"], attention_mask=held_out["attention_mask"])
+            logps = sequence_logps(out.logits, held_out["labels"])
+            _, metrics = loss_fn(model, held_out)
+        n = len(logps) // 2
+        return metrics["reward_accuracy"], (logps[:n] > logps[n:]).float().mean().item()
+
+    accuracy_before, ranking_before = evaluate()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    model.train()
+    for step in range(30):
+        loss, _ = loss_fn(model, collate([train[i] for i in order[4 * step : 4 * step + 4]], tokenizer.pad_token_id))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    accuracy_after, ranking_after = evaluate()
+    assert accuracy_before == 0.0 and accuracy_after >= 0.75
+    assert ranking_after > ranking_before
