@@ -384,9 +384,10 @@ def test_rows_with_fewer_allowed_keys_than_k_never_attend_masked_keys():
         assert chosen == set(range(t + 1))  # every causal key, and never a future one
 
 
-def test_bf16_model_dense_mode_is_bitwise_the_stock_model():
+def test_bf16_model_dense_mode_is_bitwise_the_stock_model(tmp_path):
     # a cast of the whole DSA model to bf16 would also cast the RoPE inv_freq buffer and shift every angle
-    base = tiny_qwen2().to(torch.bfloat16)
+    tiny_qwen2().save_pretrained(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     model = dsa.add_indexers(base, dsa.DSAConfig(index_n_heads=2, index_head_dim=16, index_rope_dim=8)).eval()
     dsa.set_mode(model, "dense")
     x = tokens(1, 64)
