@@ -396,3 +396,22 @@ def test_bf16_model_dense_mode_is_bitwise_the_stock_model(tmp_path):
     ix = model.model.layers[0].self_attn.indexer
     assert ix.wq.weight.dtype == torch.bfloat16 and 0.01 < ix.wq.weight.float().std() < 0.03
     assert torch.equal(ix.k_norm.weight, torch.ones_like(ix.k_norm.weight))
+
+
+@pytest.mark.parametrize("mode", ["warmup", "sparse"])
+def test_gradient_checkpointing_gives_the_same_gradients(mode):
+    def grads(checkpointing: bool):
+        _, model = tiny_dsa(topk=4)
+        model.train()
+        dsa.set_mode(model, mode)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        x = tokens(2, 16)
+        out = model(x, labels=x, use_cache=False)
+        (out.loss + out.indexer_loss).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and any(".indexer." in n for n in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
