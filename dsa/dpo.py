@@ -41,6 +41,7 @@ still logged (`indexer_kl`) to show the drift.
 
 import json
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -117,19 +118,23 @@ def tokenize_pair(tokenizer, messages: list[dict], chosen: str, rejected: str, m
 
 
 def collate(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """N pairs -> one right-padded batch of 2N sequences, the N chosen first, then the N rejected.
-    input_ids, attention_mask, labels: 2N, T (labels -100 on prompt and padding)."""
-    seqs = [(p["chosen_input_ids"], p["chosen_labels"]) for p in pairs]
-    seqs += [(p["rejected_input_ids"], p["rejected_labels"]) for p in pairs]
-    T = max(len(ids) for ids, _ in seqs)
-    input_ids = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, (ids, labs) in enumerate(seqs):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(labs)] = torch.tensor(labs)
-        attention_mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    """N pairs -> {chosen,rejected}_{input_ids,attention_mask,labels}, each N, T: right-padded to one
+    common length T, so that the loss runs chosen and rejected through the model as one batch of 2N
+    (labels -100 on prompt and padding). Separate keys keep each pair together when accelerate splits a
+    batch between processes."""
+    T = max(len(p[f"{side}_input_ids"]) for p in pairs for side in ("chosen", "rejected"))
+    batch = {}
+    for side in ("chosen", "rejected"):
+        input_ids = torch.full((len(pairs), T), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(pairs), T), IGNORE, dtype=torch.long)
+        attention_mask = torch.zeros((len(pairs), T), dtype=torch.long)
+        for i, pair in enumerate(pairs):
+            n = len(pair[f"{side}_input_ids"])
+            input_ids[i, :n] = torch.tensor(pair[f"{side}_input_ids"])
+            labels[i, :n] = torch.tensor(pair[f"{side}_labels"])
+            attention_mask[i, :n] = 1
+        batch |= {f"{side}_input_ids": input_ids, f"{side}_attention_mask": attention_mask, f"{side}_labels": labels}
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,18 +290,23 @@ class DPOLoss:
     """loss_fn(model, batch) -> (loss, metrics) for the training loop, on batches from `collate`.
 
     ref_model: the frozen reference (put in eval mode, requires_grad off, run under no_grad).
-    train_indexer: add the DSA indexer loss to the DPO loss (ignored for dense models, which have none)."""
+    train_indexer: add the DSA indexer loss to the DPO loss (dense models have none).
+    autocast: a context manager factory for the reference forward, so that it runs in the same
+    precision as the policy (pass `accelerator.autocast`).
+    metrics["loss"] is the DPO loss; `indexer_kl` is logged for DSA models, learning or frozen."""
 
-    def __init__(self, ref_model: torch.nn.Module, beta: float = 0.1, train_indexer: bool = True):
-        self.ref_model, self.beta, self.train_indexer = ref_model.eval().requires_grad_(False), beta, train_indexer
+    def __init__(self, ref_model: torch.nn.Module, beta: float = 0.1, train_indexer: bool = True, autocast=nullcontext):
+        self.ref_model = ref_model.eval().requires_grad_(False)
+        self.beta, self.train_indexer, self.autocast = beta, train_indexer, autocast
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-        n = batch["input_ids"].shape[0] // 2  # chosen rows first, then rejected
+        cat = lambda key: torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])  # noqa: E731  2N, T
+        inputs = {"input_ids": cat("input_ids"), "attention_mask": cat("attention_mask"), "use_cache": False}
+        labels, n = cat("labels"), batch["chosen_input_ids"].shape[0]
         out = model(**inputs)
-        policy = sequence_logps(out.logits, batch["labels"])  # 2N
-        with torch.no_grad():
-            ref = sequence_logps(self.ref_model(**inputs).logits, batch["labels"])  # 2N
+        policy = sequence_logps(out.logits, labels)  # 2N: chosen, then rejected
+        with torch.no_grad(), self.autocast():
+            ref = sequence_logps(self.ref_model(**inputs).logits, labels)  # 2N
         loss, metrics = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta)
         indexer_loss = getattr(out, "indexer_loss", None)
         if indexer_loss is not None:

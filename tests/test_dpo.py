@@ -112,7 +112,7 @@ def test_policy_equal_to_reference_gives_log2_and_zero_rewards(tokenizer, kind):
     for name in ("chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy"):
         assert metrics[name] == pytest.approx(0.0, abs=1e-6)
     if kind == "dsa":  # sequences are longer than k: sparse attention is on, and its indexer loss is logged
-        assert batch["attention_mask"].sum(-1).min() > 4 and metrics["indexer_kl"] > 0
+        assert batch["chosen_attention_mask"].sum(-1).min() > 4 and metrics["indexer_kl"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,10 +133,13 @@ def test_labels_only_on_reply_tokens(tokenizer):
         assert tokenizer.decode(ids[:n_prompt]) == prompt
         assert tokenizer.decode(ids[n_prompt:]) == reply + "<|im_end|>\n"
     assert pair["chosen_input_ids"][:n_prompt] == pair["rejected_input_ids"][:n_prompt]
-    batch = collate([pair], tokenizer.pad_token_id)
-    assert batch["input_ids"].shape[0] == 2
-    assert (batch["labels"] != IGNORE).sum(-1).tolist() == [len(ids) - n_prompt for ids in (pair["chosen_input_ids"], pair["rejected_input_ids"])]
-    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+    batch = collate([pair, tokenize_pair(tokenizer, messages, "ok", "not ok", max_length=512)], tokenizer.pad_token_id)
+    assert batch["chosen_input_ids"].shape == batch["rejected_labels"].shape == (2, len(pair["chosen_input_ids"]))
+    for side in ("chosen", "rejected"):
+        assert (batch[f"{side}_labels"] != IGNORE).sum(-1).tolist() == [
+            len(p[f"{side}_input_ids"]) - n_prompt for p in (pair, tokenize_pair(tokenizer, messages, "ok", "not ok", 512))
+        ]
+        assert (batch[f"{side}_labels"][batch[f"{side}_attention_mask"] == 0] == IGNORE).all()
 
 
 def test_truncation_keeps_prompt_end_and_reply_start(tokenizer):
@@ -254,12 +257,14 @@ def test_dpo_learns_preferences_on_bundled_samples(tokenizer):
     loss_fn = DPOLoss(copy.deepcopy(model), beta=0.1)
 
     def evaluate():
+        model.eval()
         with torch.no_grad():
-            out = model.eval()(input_ids=held_out["input_ids"], attention_mask=held_out["attention_mask"])
-            logps = sequence_logps(out.logits, held_out["labels"])
             _, metrics = loss_fn(model, held_out)
-        n = len(logps) // 2
-        return metrics["reward_accuracy"], (logps[:n] > logps[n:]).float().mean().item()
+            logps = {
+                side: sequence_logps(model(input_ids=held_out[f"{side}_input_ids"]).logits, held_out[f"{side}_labels"])
+                for side in ("chosen", "rejected")
+            }  # right padding: the labelled tokens never see the padding, so no mask is needed
+        return metrics["reward_accuracy"], (logps["chosen"] > logps["rejected"]).float().mean().item()
 
     accuracy_before, ranking_before = evaluate()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
