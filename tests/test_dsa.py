@@ -405,7 +405,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode):
         model.train()
         dsa.set_mode(model, mode)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         x = tokens(2, 16)
         out = model(x, labels=x, use_cache=False)
         (out.loss + out.indexer_loss).backward()
