@@ -1,0 +1,173 @@
+"""deepctrl-sft-data (or any JSONL of its schema) as a stream of packed, labelled training windows.
+
+Record -> chat messages (one JSON object per line; schema in DSA_SPEC section 6):
+    for [user, assistant] in history:  user, assistant
+    then  user = instruction + "\\n" + input  (either part may be empty),  assistant = output
+A line is malformed, skipped and counted, when it is not JSON, not an object, or when `input`/`output` are
+missing or not strings, `instruction` is not a string, `history` is not a list of [str, str] pairs, or the
+last user turn or the output is empty.
+
+Labels: the conversation is rendered with `tokenizer.apply_chat_template`; a token is labelled (its own id)
+when it lies in the text that an assistant turn adds after its generation prompt (the reply and its
+end-of-turn marker, e.g. "reply<|im_end|>\\n" in ChatML), and -100 elsewhere (system, user, role headers).
+With labels="all" (plain language modelling, used for the tiny base model) every token is labelled.
+
+Packing: tokenized conversations are concatenated into one stream, in file order, and cut into windows
+of exactly `seq_len` tokens; a conversation that does not fit continues in the next window. Attention
+flows across the conversations packed in one window, as in standard packed pre-training (no document
+mask: the DSA attention takes a 2D key-padding mask only); each window is one causal sequence with
+positions 0..seq_len-1. Windows without any labelled token are dropped (their LM loss is undefined).
+Several files are read round-robin, one line from each in turn. The stream starts over when every
+file is exhausted (epochs), so it never ends; the order is fixed, hence deterministic, and resuming
+skips a number of windows (`accelerate.skip_first_batches`).
+"""
+
+import json
+import re
+from collections.abc import Iterator
+from itertools import zip_longest
+from pathlib import Path
+
+import torch
+from torch.utils.data import IterableDataset
+
+from .errors import UsageError
+
+DEEPCTRL_ID = "deepctrl/deepctrl-sft-data"
+DEEPCTRL_FILES = ("sft_data_zh.jsonl", "sft_data_en.jsonl")
+IGNORE_INDEX = -100
+DATASET_ID = re.compile(r"^[\w.-]+/[\w.-]+(:[\w./-]+)?$")  # owner/name or owner/name:file
+
+
+def record_to_messages(record) -> list[dict] | None:
+    """A deepctrl record as chat messages [{"role", "content"}], or None if it is malformed."""
+    if not isinstance(record, dict):
+        return None
+    instruction, text, output = record.get("instruction", ""), record.get("input"), record.get("output")
+    history = record.get("history") or []
+    if not all(isinstance(x, str) for x in (instruction, text, output)) or not isinstance(history, list):
+        return None
+    messages = []
+    for pair in history:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            return None
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    user = "\n".join(part for part in (instruction, text) if part)
+    if not user or not output:
+        return None
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def parse_line(line: str) -> list[dict] | None:
+    try:
+        return record_to_messages(json.loads(line))
+    except json.JSONDecodeError:
+        return None
+
+
+def encode_conversation(tokenizer, messages: list[dict], labels: str = "assistant") -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and their labels (see the module docstring)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    if labels == "all":
+        return ids, list(ids)
+    spans = []  # character spans of the assistant replies in `text`
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (upto.startswith(prompt) and text.startswith(upto)):
+            raise ValueError("the chat template does not render conversations prefix by prefix")
+        spans.append((len(prompt), len(upto)))
+    token_labels = [
+        token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
+        for token, (begin, _) in zip(ids, enc["offset_mapping"])
+    ]
+    return ids, token_labels
+
+
+class PackedSFT(IterableDataset):
+    """Endless stream of {"input_ids": LongTensor[seq_len], "labels": LongTensor[seq_len]} windows.
+
+    `skipped` is the number of distinct malformed lines met so far (each counted once over the epochs).
+    """
+
+    def __init__(self, paths: list[Path], tokenizer, seq_len: int, labels: str = "assistant"):
+        if labels not in ("assistant", "all"):
+            raise ValueError(f"labels must be 'assistant' or 'all', got {labels!r}")
+        self.paths, self.tokenizer, self.seq_len, self.labels = list(paths), tokenizer, seq_len, labels
+        self.malformed: set[tuple[int, int]] = set()  # (file index, line number)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.malformed)
+
+    def conversations(self) -> Iterator[list[dict]]:
+        """Valid conversations of one pass over the files, interleaved line by line."""
+        files = [open(path, encoding="utf-8") for path in self.paths]
+        try:
+            for line_no, lines in enumerate(zip_longest(*files)):
+                for file_index, line in enumerate(lines):
+                    if line is None or not line.strip():
+                        continue
+                    messages = parse_line(line)
+                    if messages is None:
+                        self.malformed.add((file_index, line_no))
+                        continue
+                    yield messages
+        finally:
+            for f in files:
+                f.close()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        ids, labels = [], []
+        while True:
+            found = False
+            for messages in self.conversations():
+                found = True
+                conv_ids, conv_labels = encode_conversation(self.tokenizer, messages, self.labels)
+                ids += conv_ids
+                labels += conv_labels
+                while len(ids) >= self.seq_len:
+                    window_ids, window_labels = ids[: self.seq_len], labels[: self.seq_len]
+                    ids, labels = ids[self.seq_len :], labels[self.seq_len :]
+                    if any(label != IGNORE_INDEX for label in window_labels):
+                        yield {"input_ids": torch.tensor(window_ids), "labels": torch.tensor(window_labels)}
+            if not found:
+                raise UsageError(f"no valid conversation in {', '.join(map(str, self.paths))}")
+
+
+def resolve_data(spec: str) -> list[Path]:
+    """The JSONL files named by --data: comma-separated local files, or a ModelScope dataset id
+    ("deepctrl/deepctrl-sft-data" = both of its files, "owner/name:file.jsonl" = one file), downloaded
+    with modelscope into its cache."""
+    paths = []
+    for item in (part.strip() for part in spec.split(",")):
+        path = Path(item).expanduser()
+        if path.is_file():
+            paths.append(path)
+        elif path.suffix or path.exists() or item.startswith((".", "/", "~")) or not DATASET_ID.match(item):
+            raise UsageError(f"data file not found: {item}")
+        else:
+            paths += download_dataset(item)
+    return paths
+
+
+def download_dataset(item: str) -> list[Path]:
+    from modelscope import dataset_snapshot_download
+
+    dataset_id, _, file = item.partition(":")
+    files = [file] if file else list(DEEPCTRL_FILES) if dataset_id == DEEPCTRL_ID else ["*.jsonl"]
+    try:
+        root = Path(dataset_snapshot_download(dataset_id, allow_file_pattern=files))
+    except Exception as e:  # network, unknown id: one line for the user
+        raise UsageError(
+            f"cannot download dataset {dataset_id!r} from ModelScope ({type(e).__name__}); "
+            "pass a local JSONL file with --data PATH or use --preset tiny"
+        ) from None
+    paths = sorted(p for pattern in files for p in root.glob(pattern))
+    if not paths:
+        raise UsageError(f"dataset {dataset_id!r} has no file matching {', '.join(files)}")
+    return paths

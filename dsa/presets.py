@@ -1,0 +1,44 @@
+"""Default flag values of every training stage, and the `--preset tiny` values that replace them.
+
+Precedence: a flag given on the command line > the preset's value > the stage default. `model` is left
+out where the script decides it (warm-up: the tiny base model under --preset tiny).
+
+The tiny preset (offline, 2 CPU cores): a 4-layer Qwen2 model built by `dsa.tiny`, the bundled
+conversations of data/, windows of 512 tokens and k = 64 = L/8 (DSA_SPEC: sequences must be longer than
+k for sparse attention to differ from dense).
+"""
+
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+TINY_DATA = ",".join(str(DATA_DIR / f"sft_sample_{language}.jsonl") for language in ("en", "zh"))
+TINY_ROOT = Path("runs/tiny")
+
+COMMON = dict(data="deepctrl/deepctrl-sft-data", seq_len=4096, batch_size=1, grad_accum=16, seed=0, save_every=100)
+
+STAGE_DEFAULTS = {
+    "warmup": dict(COMMON, model="Qwen/Qwen2.5-0.5B", output_dir="runs/warmup", max_steps=500, lr=1e-3, topk=512,
+                   index_n_heads=4, index_head_dim=64, index_rope_dim=32),
+    "sparse": dict(COMMON, model="runs/warmup", output_dir="runs/sparse", max_steps=1000, lr=1e-5, indexer_lr=1e-3,
+                   topk=None),
+}
+
+TINY_COMMON = dict(data=TINY_DATA, seq_len=512, batch_size=4, grad_accum=1, seed=0, save_every=50)
+
+PRESETS = {
+    "tiny": {
+        "base": dict(TINY_COMMON, output_dir=str(TINY_ROOT / "base"), max_steps=200, batch_size=4, lr=3e-3),
+        "warmup": dict(TINY_COMMON, model=None, output_dir=str(TINY_ROOT / "warmup"), max_steps=60, lr=3e-3, topk=64,
+                       index_n_heads=2, index_head_dim=32, index_rope_dim=16),
+        "sparse": dict(TINY_COMMON, model=str(TINY_ROOT / "warmup"), output_dir=str(TINY_ROOT / "sparse"),
+                       max_steps=60, lr=1e-4, indexer_lr=1e-3, topk=64),
+    },
+}
+
+
+def stage_values(stage: str, preset: str | None) -> dict:
+    """The default value of every flag of `stage`, with the preset's values on top."""
+    values = dict(STAGE_DEFAULTS.get(stage, {}))
+    if preset is not None:
+        values.update(PRESETS[preset][stage])
+    return values

@@ -1,0 +1,293 @@
+"""The one training loop of every stage (tiny base model, dense warm-up, sparse training, DPO), its
+command-line flags, and model loading.
+
+    args = parse_args(common_parser("..."), "warmup", argv)      # flags > preset > stage defaults
+    model, tokenizer, dtype = load_model(args.model)
+    run_training(args, model, [{"params": ..., "lr": ...}], dataloader, loss_fn, tokenizer, save_dtype=dtype)
+
+`loss_fn(model, batch) -> (loss, {name: float})` is the only stage-specific part. The loop:
+accelerate (one process, or `accelerate launch` for DDP; bf16 autocast on CUDA, fp32 on CPU), AdamW over
+the parameter groups (each may carry its own "lr" and a "name"), linear warm-up over
+`--lr-warmup` steps (default 5% of --max-steps) then cosine decay to 0, no weight decay, gradient norm
+clipped to 1, `--grad-accum` micro-batches per optimizer step.
+
+Output directory:
+  metrics.jsonl      one JSON object per optimizer step: step, loss, the loss_fn metrics, lr (first group;
+                     lr_<name> for the other named groups), tokens_per_s (all processes)
+  checkpoints/step-N accelerate state (model, optimizer, RNG, scheduler) + progress.json (step, data
+                     position), written to checkpoints/tmp-step-N and then renamed: a checkpoint directory
+                     is complete or absent. Only the latest is kept.
+  args.json, config.json, model.safetensors, tokenizer files: the final model (save_pretrained).
+`--resume` loads the latest checkpoint and skips the micro-batches already consumed, so a run killed after
+a checkpoint and restarted with the same flags plus --resume ends with the same weights as a run that
+was never interrupted.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+from .errors import UsageError
+from .presets import PRESETS, stage_values
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+MODELSCOPE_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every training script shares. Defaults are None here: `parse_args` fills them."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", help="local directory, or a ModelScope / hub id downloaded with modelscope")
+    p.add_argument("--data", help="JSONL file(s), comma-separated, or a ModelScope dataset id")
+    p.add_argument("--output-dir", help="final model, metrics.jsonl and checkpoints/ go here")
+    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--seq-len", type=int, help="tokens per packed training window")
+    p.add_argument("--batch-size", type=int, help="windows per micro-batch and process")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--lr-warmup", type=int, help="learning-rate warm-up steps (default 5%% of --max-steps)")
+    p.add_argument("--topk", type=int, help="k: keys attended per query by sparse attention")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="tiny: small offline model and bundled data")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layer activations in backward")
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, stage: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags; fill those not given from the preset, then from the stage defaults; check values."""
+    args = parser.parse_args(argv)
+    for name, value in stage_values(stage, args.preset).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if args.lr_warmup is None:
+        args.lr_warmup = math.ceil(0.05 * args.max_steps)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """A UsageError naming the first impossible value."""
+    positive = ["max_steps", "seq_len", "batch_size", "grad_accum"]
+    for name in positive + ["topk", "index_n_heads", "index_head_dim"]:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("lr", "indexer_lr"):
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    for name in ("save_every", "lr_warmup"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
+def cli(main: Callable[[], object]) -> None:
+    """Run a script's main(): a UsageError becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def resolve_model(name: str) -> Path:
+    """A local checkpoint directory, or a ModelScope id (e.g. Qwen/Qwen2.5-0.5B) downloaded into its cache."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or Path(path.parts[0]).is_dir()
+    if looks_local or not MODELSCOPE_ID.match(name):
+        raise UsageError(f"model not found: {name} (not a directory)")
+    import logging
+
+    from modelscope import snapshot_download
+
+    logging.getLogger("modelscope_hub").setLevel(logging.ERROR)  # retries are reported in the error below
+    try:
+        return Path(snapshot_download(name))
+    except Exception as e:  # offline, unknown id
+        raise UsageError(
+            f"cannot download model {name!r} from ModelScope ({type(e).__name__}); "
+            "pass a local checkpoint with --model PATH, or use --preset tiny"
+        ) from None
+
+
+def load_model(name: str) -> tuple[torch.nn.Module, object, torch.dtype]:
+    """(model in fp32 for training, its tokenizer, the dtype the checkpoint was saved in)."""
+    path = resolve_model(name)
+    try:
+        saved_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+    if isinstance(saved_dtype, str):
+        saved_dtype = getattr(torch, saved_dtype)
+    return model, tokenizer, saved_dtype
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """bf16 autocast on CUDA, fp32 elsewhere. The scheduler is stepped by hand, once per optimizer step."""
+    device_type = PartialState().device.type
+    return Accelerator(
+        mixed_precision="bf16" if device_type == "cuda" else "no",
+        gradient_accumulation_steps=args.grad_accum,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def batch_tokens(batch: dict) -> int:
+    """Tokens in a batch: every tensor whose key ends in "input_ids" (DPO batches have two)."""
+    return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
+
+
+def run_training(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    param_groups: list[dict],
+    train_dataloader: torch.utils.data.DataLoader,
+    loss_fn: LossFn,
+    tokenizer,
+    accelerator: Accelerator | None = None,
+    save_dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
+    """Train for args.max_steps optimizer steps; save the final model (in save_dtype, default its own)
+    and tokenizer at args.output_dir. Returns the unwrapped model. See the module docstring."""
+    accelerator = accelerator or make_accelerator(args)
+    out = Path(args.output_dir)
+    checkpoints = out / "checkpoints"
+    main = accelerator.is_main_process
+
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.lr_warmup, args.max_steps)
+    trainable = [p for group in param_groups for p in group["params"]]
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    accelerator.register_for_checkpointing(scheduler)
+
+    step = 0
+    latest = latest_checkpoint(checkpoints) if args.resume else None
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        position = json.loads((latest / "progress.json").read_text())
+        step = position["step"]
+        dataloader = accelerator.skip_first_batches(dataloader, position["batches"])
+        accelerator.print(f"resumed from {latest} at step {step}")
+    elif args.resume:
+        accelerator.print(f"no checkpoint in {checkpoints}: starting from step 0")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if latest is None:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        truncate_metrics(out / "metrics.jsonl", step)
+    accelerator.wait_for_everyone()
+
+    progress = tqdm(total=args.max_steps, initial=step, disable=not main, desc=out.name, dynamic_ncols=True)
+    sums, micro, tokens, running, t0 = {}, 0, 0, None, time.perf_counter()
+    for batch in dataloader:
+        if step >= args.max_steps:
+            break
+        with accelerator.accumulate(model):
+            loss, metrics = loss_fn(model, batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        for name, value in {"loss": loss.item(), **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + value
+        micro, tokens = micro + 1, tokens + batch_tokens(batch)
+        if not accelerator.sync_gradients:
+            continue
+
+        step += 1
+        values = accelerator.reduce(torch.tensor([v / micro for v in sums.values()], device=accelerator.device), "mean")
+        row = {"step": step, **dict(zip(sums, values.tolist()))}
+        for i, group in enumerate(optimizer.param_groups):  # the learning rates this step used
+            row["lr" if i == 0 else f"lr_{group.get('name', i)}"] = group["lr"]
+        scheduler.step()
+        now = time.perf_counter()
+        row["tokens_per_s"] = tokens * accelerator.num_processes / (now - t0)
+        sums, micro, tokens, t0 = {}, 0, 0, now
+        if main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            running = row["loss"] if running is None else 0.9 * running + 0.1 * row["loss"]
+            progress.set_postfix(loss=f"{running:.4f}")
+            progress.update(1)
+        if args.save_every and step % args.save_every == 0:
+            save_checkpoint(accelerator, checkpoints, step, batches=step * args.grad_accum)
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if save_dtype is not None:
+        unwrapped.to(save_dtype)
+    state_dict = accelerator.get_state_dict(model)
+    unwrapped.save_pretrained(out, state_dict=state_dict, is_main_process=main, save_function=accelerator.save)
+    if main:
+        tokenizer.save_pretrained(out)
+        skipped = getattr(train_dataloader.dataset, "skipped", None)
+        if skipped is not None:
+            print(f"skipped {skipped} malformed lines")
+    accelerator.wait_for_everyone()
+    return unwrapped
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The complete checkpoint with the highest step (tmp-* directories are unfinished writes)."""
+    done = [p for p in checkpoints.glob("step-*") if (p / "progress.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoints: Path, step: int, batches: int) -> None:
+    """accelerate state + progress.json (step, micro-batches consumed per process) into tmp-step-N, renamed
+    to step-N once complete; older ones removed."""
+    tmp, final = checkpoints / f"tmp-step-{step}", checkpoints / f"step-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "batches": batches}) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics of steps <= step (a resumed run rewrites the steps after its checkpoint)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(row + "\n" for row in rows))
