@@ -1,0 +1,191 @@
+"""Dense vs DSA, side by side: perplexity, indexer recall, passkey, generations, speed and memory.
+
+    uv run python compare.py --preset tiny                                    # runs/tiny/compare
+    uv run python compare.py --model runs/sparse --lengths 1024,2048,4096 --topk 64,128,256,512
+
+Writes report.md (summary table first, plots embedded), results.json (docs/results_schema.md) and PNG
+plots to --output-dir. The dense side is --baseline, or by default the DSA checkpoint itself in dense mode.
+"""
+
+import argparse
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import dsa
+from dsa.data import resolve_data
+from dsa.errors import UsageError
+from dsa.evaluation import CompareSettings, Variant, compare, device_description, held_out_data, progress_total
+from dsa.presets import DATA_DIR, TINY_ROOT
+from dsa.report import write_report
+from dsa.train_utils import cli, resolve_model
+
+DEFAULTS = dict(
+    model="runs/sparse",
+    data="deepctrl/deepctrl-sft-data",
+    output_dir="runs/compare",
+    lengths="1024,2048,4096",
+    topk="64,128,256,512",
+)
+TINY = dict(
+    model=str(TINY_ROOT / "sparse"),
+    data=str(DATA_DIR / "sft_heldout.jsonl"),
+    output_dir=str(TINY_ROOT / "compare"),
+    lengths="256,512,1024",
+    topk="16,32,64,128",
+)
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    return values
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if any(not 0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"depths must lie in [0, 1], got {text!r}")
+    return values
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Compare a DSA checkpoint with its dense baseline.")
+    p.add_argument("--model", help=f"DSA checkpoint: directory or ModelScope id (default {DEFAULTS['model']})")
+    p.add_argument("--baseline", help="dense model to compare with (default: --model in dense mode)")
+    p.add_argument("--data", help="held-out conversations: JSONL file(s) of the deepctrl schema or a dataset id")
+    p.add_argument("--skip-conversations", type=int, default=0, help="skip the first N conversations of --data (those seen in training)")
+    p.add_argument("--output-dir")
+    p.add_argument("--lengths", help="context lengths, comma-separated")
+    p.add_argument("--topk", help="k values to sweep, comma-separated")
+    p.add_argument("--ppl-windows", type=int, default=4, help="held-out windows per length for perplexity")
+    p.add_argument("--recall-windows", type=int, default=1, help="windows of the largest length for indexer recall")
+    p.add_argument("--passkey-trials", type=int, default=2, help="trials per (length, depth) cell")
+    p.add_argument("--passkey-depths", type=float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--passkey-lengths", type=int_list, help="default: --lengths")
+    p.add_argument("--generations", type=int, default=2, help="generation prompts per language (Chinese, English)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
+    p.add_argument("--speed-lengths", type=int_list, help="default: --lengths")
+    p.add_argument("--speed-repeats", type=int, default=1, help="timed runs per length, after one warm-up")
+    p.add_argument("--speed-decode-tokens", type=int, default=8, help="decode steps timed per run")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=["tiny"], help="tiny: the pipeline's tiny model and bundled held-out data")
+    args = p.parse_args(argv)
+    for name, value in (TINY if args.preset == "tiny" else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("lengths", "topk"):
+        try:
+            setattr(args, name, int_list(getattr(args, name)))
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"--{name}: {e}") from None
+    for name in ("ppl_windows", "recall_windows", "passkey_trials", "max_new_tokens", "speed_repeats", "speed_decode_tokens"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.generations < 0 or args.skip_conversations < 0:
+        raise UsageError("--generations and --skip-conversations must be >= 0")
+    return args
+
+
+def load(name: str, device: torch.device, dtype: torch.dtype):
+    path = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+    return model, path
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    start = time.time()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+
+    data = resolve_data(args.data)
+    model, model_path = load(args.model, device, dtype)
+    if not isinstance(model, dsa.Qwen2DSAForCausalLM):
+        raise UsageError(f"--model {args.model} is not a DSA checkpoint ({type(model).__name__}); make one with warmup_train.py")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if args.baseline:
+        baseline, _ = load(args.baseline, device, dtype)
+        if baseline.config.vocab_size != model.config.vocab_size:
+            raise UsageError(f"--baseline {args.baseline} has another vocabulary ({baseline.config.vocab_size} vs {model.config.vocab_size})")
+        is_dsa = isinstance(baseline, dsa.Qwen2DSAForCausalLM)
+        dense = Variant("dense", baseline, "dense" if is_dsa else None)
+        baseline_text = f"`{args.baseline}`" + (" in dense mode" if is_dsa else " (stock attention)")
+    else:
+        dense = Variant("dense", model, "dense")
+        baseline_text = "the same checkpoint in dense mode (stock attention, indexers unused)"
+
+    topks = sorted(set(args.topk))
+    settings = CompareSettings(
+        lengths=sorted(set(args.lengths)),
+        topks=topks,
+        headline_topk=model.config.index_topk if model.config.index_topk in topks else topks[0],
+        ppl_windows=args.ppl_windows,
+        recall_windows=args.recall_windows,
+        passkey_lengths=args.passkey_lengths,
+        passkey_depths=args.passkey_depths,
+        passkey_trials=args.passkey_trials,
+        max_new_tokens=args.max_new_tokens,
+        speed_lengths=args.speed_lengths,
+        speed_repeats=args.speed_repeats,
+        speed_decode_tokens=args.speed_decode_tokens,
+        seed=args.seed,
+    )
+    needed = max(settings.ppl_windows, settings.recall_windows) * max(settings.lengths + settings.speed_lengths)
+    tokens, prompts, skipped = held_out_data(data, tokenizer, needed, args.generations, args.skip_conversations)
+    if skipped:
+        print(f"skipped {skipped} malformed lines", file=sys.stderr)
+    if len(tokens) < max(settings.lengths + settings.speed_lengths):
+        raise UsageError(f"--data {args.data} has {len(tokens)} tokens, fewer than the largest length {max(settings.lengths)}")
+
+    with tqdm(total=progress_total(settings, len(prompts)), desc="compare", dynamic_ncols=True) as bar:
+        results = compare(dense, model, tokenizer, tokens, prompts, settings, bar)
+    results = {
+        "meta": {
+            "model": str(args.model),
+            "baseline": baseline_text,
+            "data": args.data + (f" (after the first {args.skip_conversations} conversations)" if args.skip_conversations else ""),
+            "device": device_description(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "n_layers": model.config.num_hidden_layers,
+            "vocab_size": model.config.vocab_size,
+            "dsa_config": vars(model.config.dsa),
+            "headline_topk": settings.headline_topk,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "seconds": time.time() - start,
+            "command": shlex.join(["python", "compare.py", *(sys.argv[1:] if argv is None else argv)]),
+        },
+        **results,
+    }
+    report = write_report(results, args.output_dir)
+    print(f"wrote {report}")
+
+
+if __name__ == "__main__":
+    cli(main)

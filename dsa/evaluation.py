@@ -1,0 +1,557 @@
+"""Dense vs DSA measurements (DSA_SPEC section 5): perplexity, indexer recall, passkey, generations, speed.
+
+Each side of a comparison is a `Variant`: a model plus the DSA mode / top-k it runs in. The DSA checkpoint
+serves both sides when no separate baseline is given (`dsa.set_mode(model, "dense")` is stock attention).
+`compare()` runs every measurement and returns the JSON-able results dict that `dsa.report` renders
+(schema: docs/results_schema.md).
+"""
+
+import itertools
+import math
+import os
+import platform
+import random
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, GenerationConfig
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+from .attention import allowed_keys, query_chunks, select_topk
+from .data import PackedSFT, encode_conversation
+from .losses import attention_target
+from .modeling import Qwen2DSAForCausalLM, dsa_cache, set_mode, set_topk
+
+
+@dataclass
+class Variant:
+    """One side of the comparison. mode None: a plain (non-DSA) model, run as it is."""
+
+    name: str  # "dense" or "dsa"
+    model: torch.nn.Module
+    mode: str | None = None
+    topk: int | None = None
+
+    def activate(self) -> torch.nn.Module:
+        if self.mode is not None:
+            set_mode(self.model, self.mode)
+        if self.topk is not None:
+            set_topk(self.model, self.topk)
+        return self.model
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Held-out data, prompts, greedy decoding
+# ---------------------------------------------------------------------------------------------------
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Prompt tokens for the next assistant turn: the chat template with its generation prompt, or the
+    contents joined by newlines when the tokenizer has no template."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return tokenizer("\n".join(m["content"] for m in messages)).input_ids
+
+
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def held_out_data(paths, tokenizer, n_tokens: int, prompts_per_language: int, skip: int = 0) -> tuple[list[int], list[list[dict]], int]:
+    """Read conversations (dsa.data format) after the first `skip` until there are n_tokens tokens and
+    `prompts_per_language` Chinese and English prompts (or the files end).
+
+    Returns the token stream (every conversation rendered with the chat template, concatenated), the
+    prompt conversations (a conversation is Chinese when its last user turn has a CJK character) and the
+    number of malformed lines skipped.
+    """
+    data = PackedSFT(paths, tokenizer, seq_len=1)  # only its conversation reader is used
+    tokens, prompts = [], {"zh": [], "en": []}
+    for messages in itertools.islice(data.conversations(), skip, None):
+        language = "zh" if CJK.search(messages[-2]["content"]) else "en"
+        if len(prompts[language]) < prompts_per_language:
+            prompts[language].append(messages)
+        if len(tokens) < n_tokens:
+            tokens += encode_conversation(tokenizer, messages, labels="all")[0]
+        if len(tokens) >= n_tokens and all(len(p) == prompts_per_language for p in prompts.values()):
+            break
+    return tokens, prompts["zh"] + prompts["en"], data.skipped
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> str:
+    """Greedy continuation of prompt_ids (generate(), the model's own cache), decoded without the prompt."""
+    ids = torch.tensor([prompt_ids], device=model_device(model))
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or eos
+    )
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Perplexity: prefill (one forward) and decode path (token by token through the cache)
+# ---------------------------------------------------------------------------------------------------
+
+
+def token_windows(tokens: list[int], length: int, n: int) -> torch.Tensor:
+    """Up to n consecutive, non-overlapping windows of `length` tokens from the start of a token stream.
+    Returns n', length (long) with 1 <= n' <= n; ValueError if the stream is shorter than one window."""
+    n_avail = min(n, len(tokens) // length)
+    if n_avail < 1:
+        raise ValueError(f"held-out data has {len(tokens)} tokens, fewer than one window of {length}")
+    return torch.tensor(tokens[: n_avail * length], dtype=torch.long).view(n_avail, length)
+
+
+LOGIT_ROWS = 1024  # the lm_head runs on this many positions at a time (full L x vocab logits are GBs at 4K)
+
+
+@torch.no_grad()
+def prefill_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL of every position of one forward. ids: L  ->  L-1 (fp32)."""
+    ids = ids.to(model_device(model))
+    hidden = model.model(input_ids=ids[None], use_cache=False).last_hidden_state[0, :-1]  # L-1, hidden
+    targets = ids[1:]
+    nll = [
+        F.cross_entropy(model.lm_head(hidden[s : s + LOGIT_ROWS]).float(), targets[s : s + LOGIT_ROWS], reduction="none")
+        for s in range(0, len(targets), LOGIT_ROWS)
+    ]
+    return torch.cat(nll)
+
+
+def new_cache(model) -> DynamicCache:
+    """The cache generate() would use: with indexer-key layers for a DSA model."""
+    return dsa_cache(model.config) if isinstance(model, Qwen2DSAForCausalLM) else DynamicCache(config=model.config)
+
+
+@torch.no_grad()
+def decode_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """The same NLL as prefill_nll, computed one token per forward through the KV (+ indexer key) cache.
+    For DSA this exercises the indexer cache: each new query is scored against all cached indexer keys."""
+    ids = ids.to(model_device(model))
+    cache = new_cache(model)
+    nll = []
+    for t in range(len(ids) - 1):
+        logits = model(input_ids=ids[None, t : t + 1], cache=cache, use_cache=True).logits[0, -1].float()
+        nll.append(F.cross_entropy(logits, ids[t + 1]))
+    return torch.stack(nll)
+
+
+def perplexity(nll: list[torch.Tensor]) -> float:
+    """exp(mean next-token NLL over all predicted positions of all windows)."""
+    return math.exp(torch.cat(nll).double().mean().item())
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Indexer recall: share of the dense, head-summed attention mass inside a selected set of k keys
+# ---------------------------------------------------------------------------------------------------
+
+RECALL_METHODS = ("indexer", "oracle", "last_k", "random")
+
+
+def recall_rows(p: torch.Tensor, indexer_keys: torch.Tensor, query_index: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Recall of each query row for a budget of k keys.
+
+    p: B, T, S dense attention target (head-summed, rows L1-normalized, 0 on non-causal keys);
+    indexer_keys: B, T, min(k, S) the keys the indexer selects (dsa.attention.select_topk);
+    query_index: T (cache index of each query: its causal keys are 0..i).
+    Returns method -> B, T, the mass sum_{s in S_t} p[t, s] of the set chosen by
+      indexer  the indexer's top-k (what DSA attends),
+      oracle   the k largest p[t, s] (the best any k-set can do),
+      last_k   the window i-k+1 .. i,
+      random   a uniformly random k-subset of the i+1 causal keys, in expectation: min(1, k / (i+1)).
+    A selected non-causal key (a row with fewer than k causal keys) has p = 0 and adds nothing.
+    """
+    keys = torch.arange(p.shape[-1], device=p.device)
+    window = (keys[None, :] <= query_index[:, None]) & (keys[None, :] > query_index[:, None] - k)  # T, S
+    return {
+        "indexer": p.gather(-1, indexer_keys).sum(-1),
+        "oracle": p.topk(min(k, p.shape[-1]), dim=-1).values.sum(-1),
+        "last_k": (p * window).sum(-1),
+        "random": (k / (query_index + 1).float()).clamp(max=1.0).expand(p.shape[:2]),
+    }
+
+
+def layer_recall_sums(attn, hidden: torch.Tensor, position_embeddings, position_ids, topks: list[int]) -> dict:
+    """Recall sums of one DSA attention layer over the query rows that have more than k causal keys
+    (rows with fewer are exactly dense for every method). The main q/k and the indexer q/k/w are
+    recomputed from the layer input with the module's own projections, as its forward does.
+
+    hidden: 1, T, hidden (output of input_layernorm). Returns {k: {method: sum, "rows": n}}.
+    """
+    B, T, _ = hidden.shape
+    shape = (B, T, -1, attn.head_dim)
+    q = attn.q_proj(hidden).view(shape).transpose(1, 2)  # B, Hq, T, D
+    k = attn.k_proj(hidden).view(shape).transpose(1, 2)  # B, Hkv, T, D
+    q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+    q_idx, k_idx, w_idx = attn.indexer(hidden, position_ids)
+    Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
+    query_index = torch.arange(T, device=hidden.device)
+    sums = {kk: dict.fromkeys((*RECALL_METHODS, "rows"), 0.0) for kk in topks}
+    for rows in query_chunks(T, T):
+        C = rows.stop - rows.start
+        q_rows = q[:, :, rows].float().view(B, Hkv, Hq // Hkv, C, D)
+        logits = torch.matmul(q_rows, k.float()[:, :, None].transpose(-1, -2)) * attn.scaling  # B, Hkv, G, C, T
+        allowed = allowed_keys(query_index[rows], None, T)  # 1, C, T
+        p = attention_target(logits.reshape(B, Hq, C, T), allowed)  # B, C, T
+        for kk in topks:
+            selected, _ = select_topk(q_idx[:, rows], k_idx, w_idx[:, rows], allowed, kk)  # B, C, K
+            counted = (query_index[rows] + 1 > kk).float()  # C
+            for method, recall in recall_rows(p, selected, query_index[rows], kk).items():
+                sums[kk][method] += (recall * counted).sum().item()
+            sums[kk]["rows"] += counted.sum().item() * B
+    return sums
+
+
+@torch.no_grad()
+def indexer_recall(model, windows: torch.Tensor, topks: list[int]) -> dict:
+    """Per layer and k, the mean recall (see recall_rows) over the windows' rows with more than k keys.
+
+    The model runs in dense mode; a forward pre-hook on every attention layer receives the layer input
+    and computes the recall of that layer. Returns {k: {method: [per layer], "rows": n}}; the values are
+    None when no row has more than k keys (k >= window length: DSA is then dense attention).
+    """
+    set_mode(model, "dense")
+    layers = [layer.self_attn for layer in model.model.layers]
+    totals = [None] * len(layers)
+
+    def hook(i, attn, args, kwargs):
+        sums = layer_recall_sums(attn, kwargs["hidden_states"], kwargs["position_embeddings"], kwargs["position_ids"], topks)
+        if totals[i] is None:
+            totals[i] = sums
+        else:
+            for kk in topks:
+                for key in sums[kk]:
+                    totals[i][kk][key] += sums[kk][key]
+
+    handles = [attn.register_forward_pre_hook(lambda m, a, kw, i=i: hook(i, m, a, kw), with_kwargs=True) for i, attn in enumerate(layers)]
+    try:
+        for ids in windows:
+            model.model(input_ids=ids[None].to(model_device(model)), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = {}
+    for kk in topks:
+        rows = totals[0][kk]["rows"]
+        result[kk] = {m: [t[kk][m] / rows if rows else None for t in totals] for m in RECALL_METHODS}
+        result[kk]["rows"] = int(rows)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Passkey retrieval (DSA_SPEC section 5), as a chat turn
+# ---------------------------------------------------------------------------------------------------
+
+PASSKEY_HEADER = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it."
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key?"
+PASSKEY_ANSWER = "The pass key is"
+PASSKEY_NEW_TOKENS = 10  # room for a 5-digit key (Qwen tokenizes digits one by one) and a space
+
+
+def passkey_text(n_fillers: int, depth: float, key: int) -> str:
+    """Header, n filler paragraphs with the needle after round(depth * n) of them, the question."""
+    before = round(depth * n_fillers)
+    fillers = [PASSKEY_FILLER] * n_fillers
+    body = " ".join(fillers[:before] + [PASSKEY_NEEDLE.format(key=key)] + fillers[before:])
+    return f"{PASSKEY_HEADER}\n{body} {PASSKEY_QUESTION}"
+
+
+def passkey_prompt_ids(tokenizer, length: int, depth: float, key: int) -> list[int]:
+    """The prompt tokens of one passkey trial: passkey_text as a user turn (chat template, or raw text when
+    the tokenizer has none) followed by the answer prefix "The pass key is"; the filler count is the largest
+    that keeps the prompt within `length` tokens (at least 1)."""
+
+    def ids(n: int) -> list[int]:
+        prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": passkey_text(n, depth, key)}])
+        return prompt + tokenizer(PASSKEY_ANSWER, add_special_tokens=False).input_ids
+
+    per_filler = len(ids(2)) - len(ids(1))
+    n = max(1, (length - len(ids(0))) // max(per_filler, 1))
+    while n > 1 and len(ids(n)) > length:
+        n -= 1
+    return ids(n)
+
+
+def passkey_answer(text: str) -> int | None:
+    """The first integer in the generated text, or None."""
+    match = re.search(r"\d+", text)
+    return int(match.group()) if match else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Speed and memory
+# ---------------------------------------------------------------------------------------------------
+
+
+def rss_bytes() -> int | None:
+    """Resident set size of this process (Linux /proc), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
+
+
+class PeakMemory:
+    """Peak memory above the level at entry, in bytes (`.bytes`, None if unmeasurable).
+    cuda: torch.cuda.max_memory_allocated. cpu: the process RSS, sampled every millisecond by a thread
+    (approximate: the allocator may reuse or keep freed pages)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = self.peak = rss_bytes()
+            self.running = self.start is not None
+            self.thread = threading.Thread(target=self.sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.start
+        elif self.start is not None:
+            self.running = False
+            self.thread.join()
+            self.bytes = max(self.peak, rss_bytes()) - self.start
+
+
+@torch.no_grad()
+def speed_probe(model, ids: torch.Tensor, decode_tokens: int) -> dict:
+    """One prefill of ids (1, L) into a fresh cache (logits of the last position only, as generation does),
+    then `decode_tokens` greedy steps through that cache.
+    Returns prefill_s, peak_memory_mb (prefill, above the memory held before it), decode_ms_per_token."""
+    device = model_device(model)
+    ids = ids.to(device)
+    cache = new_cache(model)
+    with PeakMemory(device) as memory:
+        synchronize(device)
+        start = time.perf_counter()
+        logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+        synchronize(device)
+        prefill_s = time.perf_counter() - start
+    token = logits[:, -1:].argmax(-1)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    synchronize(device)
+    decode_s = time.perf_counter() - start
+    return {
+        "prefill_s": prefill_s,
+        "peak_memory_mb": memory.bytes / 2**20 if memory.bytes is not None else None,
+        "decode_ms_per_token": 1000 * decode_s / max(decode_tokens, 1),
+    }
+
+
+def median(values: list) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    return values[len(values) // 2] if values else None
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {cpu}, {torch.get_num_threads()} torch threads"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole comparison
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompareSettings:
+    lengths: list[int]
+    topks: list[int]
+    headline_topk: int  # one of topks: the k of the decode-path check, the generations and the summary
+    ppl_windows: int = 4
+    recall_length: int | None = None  # default: the largest length
+    recall_windows: int = 1
+    passkey_lengths: list[int] | None = None  # default: lengths
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = 2
+    decode_length: int | None = None  # default: the smallest length
+    max_new_tokens: int = 64
+    speed_lengths: list[int] | None = None  # default: lengths
+    speed_repeats: int = 1
+    speed_decode_tokens: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.headline_topk not in self.topks:
+            raise ValueError(f"headline_topk={self.headline_topk} is not in topks={self.topks}")
+        self.recall_length = self.recall_length or max(self.lengths)
+        self.passkey_lengths = self.passkey_lengths or list(self.lengths)
+        self.decode_length = self.decode_length or min(self.lengths)
+        self.speed_lengths = self.speed_lengths or list(self.lengths)
+
+
+def progress_total(s: CompareSettings, n_prompts: int) -> int:
+    """Units of the one progress bar: a forward pass (or generate call, or speed probe) each."""
+    sides = 1 + len(s.topks)
+    return (
+        sides * len(s.lengths) * s.ppl_windows
+        + 2  # decode-path perplexity: prefill and token by token
+        + s.recall_windows
+        + sides * len(s.passkey_lengths) * len(s.passkey_depths) * s.passkey_trials
+        + 2 * n_prompts
+        + sides * len(s.speed_lengths) * (s.speed_repeats + 1)  # + one warm-up probe
+    )
+
+
+def compare(dense: Variant, dsa_model, tokenizer, tokens: list[int], prompts: list[list[dict]], s: CompareSettings, bar) -> dict:
+    """Every measurement of the comparison; returns the results dict (docs/results_schema.md) without "meta".
+
+    dense: the baseline side; dsa_model: the DSA checkpoint (swept over s.topks in sparse mode);
+    tokens: held-out token stream; prompts: conversations whose last (assistant) turn is the reference and
+    the rest the prompt of the side-by-side generations; bar: a tqdm bar
+    (total progress_total(s, len(prompts))).
+    """
+    sparse = {k: Variant("dsa", dsa_model, "sparse", k) for k in s.topks}
+    sides = [("dense", dense)] + [(str(k), v) for k, v in sparse.items()]
+    results = {}
+
+    def step(label: str):
+        bar.set_postfix_str(label, refresh=False)
+        bar.update(1)
+
+    # 1. perplexity, prefill, every side and length
+    ppl = {name: [] for name, _ in sides}
+    n_windows = []
+    for length in s.lengths:
+        windows = token_windows(tokens, length, s.ppl_windows)
+        n_windows.append(len(windows))
+        for name, variant in sides:
+            model = variant.activate()
+            nll = []
+            for ids in windows:
+                nll.append(prefill_nll(model, ids))
+                step(f"perplexity L={length} {name}")
+            bar.update(s.ppl_windows - len(windows))
+            ppl[name].append(perplexity(nll))
+    results["perplexity"] = {"lengths": s.lengths, "windows": n_windows, "dense": ppl["dense"], "dsa": {str(k): ppl[str(k)] for k in s.topks}}
+
+    # 1b. decode path at one length, headline k
+    model = sparse[s.headline_topk].activate()
+    ids = token_windows(tokens, s.decode_length, 1)[0]
+    prefill = perplexity([prefill_nll(model, ids)])
+    step("decode-path perplexity (prefill)")
+    decode = perplexity([decode_nll(model, ids)])
+    step("decode-path perplexity (token by token)")
+    results["decode_perplexity"] = {
+        "length": s.decode_length,
+        "topk": s.headline_topk,
+        "prefill": prefill,
+        "decode": decode,
+        "rel_diff": abs(decode - prefill) / prefill,
+    }
+
+    # 2. indexer recall per layer
+    windows = token_windows(tokens, s.recall_length, s.recall_windows)
+    recall = indexer_recall(dsa_model, windows, s.topks)
+    bar.update(s.recall_windows)
+    results["recall"] = {
+        "length": s.recall_length,
+        "windows": len(windows),
+        "per_layer": {str(k): v for k, v in recall.items()},
+        "mean": {
+            str(k): {m: (sum(v[m]) / len(v[m]) if v["rows"] else None) for m in RECALL_METHODS} for k, v in recall.items()
+        },
+    }
+
+    # 3. passkey: the same prompts for every side
+    rng = random.Random(s.seed)
+    cells = []  # (length, depth, key, prompt ids)
+    for length in s.passkey_lengths:
+        for depth in s.passkey_depths:
+            for _ in range(s.passkey_trials):
+                key = rng.randint(10000, 99999)
+                cells.append((length, depth, key, passkey_prompt_ids(tokenizer, length, depth, key)))
+    shown = next(i for i, c in enumerate(cells) if c[0] == max(s.passkey_lengths) and c[1] == s.passkey_depths[len(s.passkey_depths) // 2])
+    accuracy, samples = {}, []
+    for name, variant in sides:
+        model = variant.activate()
+        hits = {}
+        for i, (length, depth, key, prompt_ids) in enumerate(cells):
+            answer = greedy(model, tokenizer, prompt_ids, PASSKEY_NEW_TOKENS)
+            hits.setdefault((length, depth), []).append(passkey_answer(answer) == key)
+            if i == shown:  # one example answer per side, in the report
+                samples.append({"side": name, "length": length, "depth": depth, "key": key, "answer": answer})
+            step(f"passkey L={length} {name}")
+        accuracy[name] = [[sum(hits[(L, d)]) / len(hits[(L, d)]) for d in s.passkey_depths] for L in s.passkey_lengths]
+    results["passkey"] = {
+        "lengths": s.passkey_lengths,
+        "depths": s.passkey_depths,
+        "trials": s.passkey_trials,
+        "dense": accuracy["dense"],
+        "dsa": {str(k): accuracy[str(k)] for k in s.topks},
+        "samples": samples,
+    }
+
+    # 4. side-by-side generations, dense vs headline k
+    generations = []
+    for messages in prompts:
+        prompt_ids = chat_prompt_ids(tokenizer, messages[:-1])
+        row = {"messages": messages[:-1], "reference": messages[-1]["content"], "prompt_tokens": len(prompt_ids)}
+        for name, variant in (("dense", dense), ("dsa", sparse[s.headline_topk])):
+            row[name] = greedy(variant.activate(), tokenizer, prompt_ids, s.max_new_tokens)
+            step(f"generation {name}")
+        generations.append(row)
+    results["generations"] = {"topk": s.headline_topk, "max_new_tokens": s.max_new_tokens, "samples": generations}
+
+    # 5. speed and memory: medians over repeats after one warm-up probe per side and length
+    probe_ids = token_windows(tokens, max(s.speed_lengths), 1)
+    speed = {metric: {name: [] for name, _ in sides} for metric in ("prefill_s", "peak_memory_mb", "decode_ms_per_token")}
+    for name, variant in sides:
+        model = variant.activate()
+        for length in s.speed_lengths:
+            probes = []
+            for repeat in range(s.speed_repeats + 1):
+                probe = speed_probe(model, probe_ids[:, :length], s.speed_decode_tokens)
+                if repeat:
+                    probes.append(probe)
+                step(f"speed L={length} {name}")
+            for metric in speed:
+                speed[metric][name].append(median([p[metric] for p in probes]))
+    results["speed"] = {
+        "lengths": s.speed_lengths,
+        "repeats": s.speed_repeats,
+        "decode_tokens": s.speed_decode_tokens,
+        **{metric: {"dense": v["dense"], "dsa": {str(k): v[str(k)] for k in s.topks}} for metric, v in speed.items()},
+    }
+    results["settings"] = asdict(s)
+    return results
