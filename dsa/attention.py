@@ -3,6 +3,11 @@
 Notation: B batch, Hq query heads, Hkv key/value heads (G = Hq / Hkv query heads per KV head),
 T queries in this call, S keys (cached + new), K = min(topk, S) selected keys per query, D head dim.
 A query at cache index i may attend key s iff s <= i and key s is not padding ("allowed").
+
+Two implementations of the same attention: the plain reference (`sparse_attention`: one advanced-indexing
+gather of the selected keys and values, then batched matmuls) and the fast paths the model uses by default
+(`FAST_PATHS`): `sparse_attention_fast` (index_select + embedding_bag, no gathered values) and
+`dense_attention` (SDPA, for queries whose every allowed key is selected). Tests hold them equal.
 """
 
 import torch
@@ -12,6 +17,9 @@ from .indexer import index_scores
 
 # Queries per chunk are chosen so that (queries x keys) stays under this many elements.
 CHUNK_ELEMENTS = 1 << 22
+# The model runs the fast paths below; False runs the reference path everywhere (tests compare the two).
+FAST_PATHS = True
+NEG = torch.finfo(torch.float32).min  # a finite "minus infinity" for masked logits
 
 
 def query_chunks(n_queries: int, n_keys: int):
@@ -91,7 +99,50 @@ def sparse_attention(q, k, v, indices, valid, scaling: float) -> torch.Tensor:
     k_sel, v_sel = gather_keys(k, indices), gather_keys(v, indices)  # B, Hkv, T, K, D
     logits = grouped_logits(q, k_sel, scaling)  # B, Hkv, T, G, K
     mask = valid[:, None, :, None, :]
-    logits = logits.float().masked_fill(~mask, torch.finfo(torch.float32).min)
+    logits = logits.float().masked_fill(~mask, NEG)
     probs = (F.softmax(logits, dim=-1) * mask).to(v.dtype)
     out = torch.matmul(probs, v_sel)  # B, Hkv, T, G, D
     return out.permute(0, 2, 1, 3, 4).reshape(B, T, Hq, D)
+
+
+def per_head_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x: B, H, S, D with every x[b, h] a contiguous S x D block (copied only if it is not already: cache
+    tensors and their prefix views are; the freshly projected keys of a forward without cache are not)."""
+    return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
+
+
+def sparse_attention_fast(q, k, v, indices, valid, scaling: float) -> torch.Tensor:
+    """`sparse_attention` (same contract and result) without gathering the values, or the keys of all heads at once.
+
+    Per batch row and KV head: the selected keys by index_select (a row copy, several times faster than
+    advanced indexing on CPU), the G query heads' logits by one batched matmul, and the output
+    sum_j probs[j] * v[indices[j]] by embedding_bag(mode="sum", per_sample_weights=probs), which reads the
+    selected value rows without materializing them. k and v need contiguous heads (`per_head_contiguous`).
+    """
+    B, Hq, T, D = q.shape
+    Hkv, K = k.shape[1], indices.shape[-1]
+    G = Hq // Hkv
+    out = q.new_empty(B, T, Hkv, G, D)
+    for b in range(B):
+        mask = valid[b, :, None, :]  # T, 1, K
+        bags = indices[b, :, None, :].expand(T, G, K).reshape(T * G, K)  # each query's keys, once per query head
+        for h in range(Hkv):
+            k_sel = k[b, h].index_select(0, indices[b].reshape(-1)).view(T, K, D)
+            logits = torch.matmul(q[b, h * G : (h + 1) * G].transpose(0, 1), k_sel.transpose(1, 2)) * scaling  # T, G, K
+            logits = logits.float().masked_fill(~mask, NEG)
+            probs = (F.softmax(logits, dim=-1) * mask).to(v.dtype)
+            o = F.embedding_bag(bags, v[b, h], mode="sum", per_sample_weights=probs.reshape(T * G, K))
+            out[b, :, h] = o.view(T, G, D)
+    return out.view(B, T, Hq, D)
+
+
+def dense_attention(q, k, v, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Softmax over every allowed key (SDPA): `sparse_attention` when each query selects all its allowed keys.
+
+    q: B, Hq, T, D; k, v: B, Hkv, S, D; allowed: B or 1, T, S  ->  B, T, Hq, D. A query with no allowed key
+    outputs zeros (it attends every key, finite, and is then zeroed: no NaN in forward or backward).
+    """
+    has_key = allowed.any(dim=-1, keepdim=True)  # B, T, 1
+    mask = (allowed | ~has_key)[:, None]  # B, 1, T, S
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)  # B, Hq, T, D
+    return (out * has_key[:, None]).transpose(1, 2)

@@ -16,14 +16,16 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2ForCausalLM
-from transformers.cache_utils import DynamicCache, DynamicIndexedLayer
+from transformers.cache_utils import DynamicCache
 from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, apply_rotary_pos_emb, eager_attention_forward
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .attention import allowed_keys, query_chunks, select_topk, sparse_attention
+from . import attention
+from .attention import allowed_keys, query_chunks, select_topk
+from .cache import GrowingIndexedLayer
 from .config import DSAConfig, Qwen2DSAConfig, dsa_config_from
 from .indexer import LightningIndexer
 from .losses import sparse_kl, warmup_kl
@@ -114,17 +116,35 @@ class Qwen2DSAAttention(Qwen2Attention):
         return out
 
     def sparse_attention(self, q, k, v, q_idx, k_idx, w_idx, query_index, key_padding) -> torch.Tensor:
-        """Top-k sparse attention, query chunk by query chunk; in training also the sparse indexer loss."""
-        S = k.shape[2]
+        """Top-k sparse attention, query chunk by query chunk; in training also the sparse indexer loss.
+
+        With attention.FAST_PATHS (the default) a chunk sees only the keys up to its last query (the later
+        ones are never allowed), a chunk whose queries have at most k keys is dense attention (top-k would
+        select every allowed key; the indexer loss is then over the whole causal row, which is the selected
+        set), and the selected keys are read by `sparse_attention_fast`. Otherwise: the reference path.
+        """
+        S, T = k.shape[2], len(query_index)  # query_index = S - T, ..., S - 1
+        fast = attention.FAST_PATHS
+        if fast:
+            k, v = attention.per_head_contiguous(k), attention.per_head_contiguous(v)
         outs, kl_sum, n_rows = [], 0.0, 0
-        for rows in query_chunks(len(query_index), S):
-            allowed = allowed_keys(query_index[rows], key_padding, S)  # B|1, C, S
-            indices, valid = select_topk(q_idx[:, rows], k_idx, w_idx[:, rows], allowed, self.topk)  # B, C, K
-            outs.append(maybe_checkpoint(sparse_attention, q[:, :, rows], k, v, indices, valid, self.scaling))
+        for rows in query_chunks(T, S):
+            n_keys = S - T + rows.stop if fast else S
+            k_c, v_c, k_idx_c = k[:, :, :n_keys], v[:, :, :n_keys], k_idx[:, :n_keys]
+            padding = None if key_padding is None else key_padding[:, :n_keys]
+            allowed = allowed_keys(query_index[rows], padding, n_keys)  # B|1, C, n_keys
+            q_c, q_idx_c, w_idx_c = q[:, :, rows], q_idx[:, rows], w_idx[:, rows]
+            if fast and n_keys <= self.topk:
+                outs.append(maybe_checkpoint(attention.dense_attention, q_c, k_c, v_c, allowed, self.scaling))
+                if self.training:
+                    kl = maybe_checkpoint(warmup_kl, q_c, k_c, q_idx_c, k_idx_c, w_idx_c, allowed, self.scaling)
+            else:
+                indices, valid = select_topk(q_idx_c, k_idx_c, w_idx_c, allowed, self.topk)  # B, C, K
+                attend = attention.sparse_attention_fast if fast else attention.sparse_attention
+                outs.append(maybe_checkpoint(attend, q_c, k_c, v_c, indices, valid, self.scaling))
+                if self.training:
+                    kl = maybe_checkpoint(sparse_kl, q_c, k_c, q_idx_c, k_idx_c, w_idx_c, indices, valid, self.scaling)
             if self.training:
-                kl = maybe_checkpoint(
-                    sparse_kl, q[:, :, rows], k, q_idx[:, rows], k_idx, w_idx[:, rows], indices, valid, self.scaling
-                )
                 counted = query_rows(allowed, query_index[rows], key_padding)
                 kl_sum, n_rows = kl_sum + (kl * counted).sum(), n_rows + counted.sum()
         if self.training:
@@ -160,9 +180,10 @@ class DSACausalLMOutput(CausalLMOutputWithPast):
 
 
 def dsa_cache(config) -> DynamicCache:
-    """A DynamicCache whose layers also keep the indexer keys (transformers' DynamicIndexedLayer)."""
+    """A DynamicCache whose layers also keep the indexer keys (DynamicIndexedLayer, appending in place:
+    `cache.GrowingIndexedLayer`)."""
     cache = DynamicCache(config=config)
-    cache.layers = [DynamicIndexedLayer() for _ in range(config.num_hidden_layers)]
+    cache.layers = [GrowingIndexedLayer() for _ in range(config.num_hidden_layers)]
     return cache
 
 

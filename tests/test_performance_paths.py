@@ -1,0 +1,183 @@
+"""The fast paths equal the reference path (fp32, 1e-5): outputs, gradients, indexer loss, decode cache.
+
+Fast paths (dsa.attention.FAST_PATHS): `sparse_attention_fast` (index_select + embedding_bag) and
+`dense_attention` (SDPA when each query selects all its allowed keys), keys truncated to each chunk's last
+query. Reference: `sparse_attention` over all keys. Decode cache: `GrowingIndexedLayer` against
+transformers' `DynamicIndexedLayer` (torch.cat).
+"""
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.cache_utils import DynamicIndexedLayer
+
+import dsa
+import dsa.attention
+import dsa.cache
+from dsa.attention import allowed_keys, dense_attention, select_topk, sparse_attention, sparse_attention_fast
+from dsa.cache import GrowingIndexedLayer
+
+VOCAB = 96
+
+
+def tiny_dsa(topk: int) -> dsa.Qwen2DSAForCausalLM:
+    """A 2-layer DSA model with GQA (6 query heads on 2 KV heads), peaked attention and spread index scores."""
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    model = dsa.add_indexers(
+        Qwen2ForCausalLM(config), dsa.DSAConfig(index_n_heads=2, index_head_dim=16, index_rope_dim=8, index_topk=topk)
+    )
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.indexer.wq, layer.self_attn.indexer.wk):
+                proj.weight.mul_(4.0)
+    return model.eval()
+
+
+def random_selection(B=2, Hq=6, Hkv=2, T=7, S=20, K=5, D=8, seed=0):
+    """q, k, v with grad, and a causal top-K selection with padding (batch row 1 has only 3 real keys, at the
+    end: its queries have fewer than K valid keys, or none)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, L, D, generator=g).requires_grad_() for H, L in ((Hq, T), (Hkv, S), (Hkv, S)))
+    padding = torch.ones(B, S, dtype=torch.bool)
+    padding[1, : S - 3] = False
+    allowed = allowed_keys(torch.arange(S - T, S), padding, S)
+    scores = torch.randn(B, T, S, generator=g)
+    q_idx, k_idx, w_idx = scores[:, :, None, :], torch.eye(S)[None].expand(B, S, S), torch.ones(B, T, 1)
+    indices, valid = select_topk(q_idx, k_idx, w_idx, allowed, K)  # index score of key s = scores[..., s]
+    return q, k, v, allowed, indices, valid
+
+
+def grads(out: torch.Tensor, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    return torch.autograd.grad((out * weights).sum(), inputs)
+
+
+@pytest.mark.parametrize("T,S,K", [(7, 20, 5), (1, 20, 5), (12, 12, 4)])
+def test_sparse_attention_fast_equals_reference_with_gradients(T, S, K):
+    q, k, v, _, indices, valid = random_selection(T=T, S=S, K=K)
+    assert not valid.all()  # some slots are invalid (padding, rows with fewer than K keys)
+    ref = sparse_attention(q, k, v, indices, valid, 0.3)
+    fast = sparse_attention_fast(q, k, v, indices, valid, 0.3)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads(fast, q, k, v), grads(ref, q, k, v)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_attention_equals_sparse_gather_when_every_allowed_key_is_selected():
+    q, k, v, allowed, _, _ = random_selection(T=12, S=12)
+    assert not allowed[1, 0].any()  # a padding query with no key at all
+    B, T, S = allowed.shape
+    indices = torch.arange(S).expand(B, T, S)  # every key, masked by `allowed`
+    ref = sparse_attention(q, k, v, indices, allowed, 0.3)
+    dense = dense_attention(q, k, v, allowed, 0.3)
+    torch.testing.assert_close(dense, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(dense[1, 0], torch.zeros_like(dense[1, 0]))
+    for a, b in zip(grads(dense, q, k, v), grads(ref, q, k, v)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def run_model(model, fast: bool, monkeypatch, **inputs):
+    monkeypatch.setattr(dsa.attention, "FAST_PATHS", fast)
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs, use_cache=False)
+    if model.training:
+        (out.loss + out.indexer_loss).backward()
+    return out, {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("topk", [6, 40])  # 40 >= length: every chunk takes the dense shortcut
+def test_model_fast_paths_equal_reference(mode, topk, monkeypatch):
+    model = tiny_dsa(topk)
+    model.train(mode == "train")
+    x = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    inputs = dict(input_ids=x, attention_mask=mask, labels=x, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+    monkeypatch.setattr(dsa.attention, "CHUNK_ELEMENTS", 30 * 4)  # chunks of 4 queries: the first are dense
+    with torch.set_grad_enabled(mode == "train"):
+        ref, ref_grads = run_model(model, False, monkeypatch, **inputs)
+        fast, fast_grads = run_model(model, True, monkeypatch, **inputs)
+    torch.testing.assert_close(fast.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    if mode == "train":
+        assert ref.indexer_loss > 1e-3
+        torch.testing.assert_close(fast.indexer_loss, ref.indexer_loss, atol=1e-5, rtol=1e-5)
+        for name, g in ref_grads.items():
+            assert g is not None and fast_grads[name] is not None, name
+            torch.testing.assert_close(fast_grads[name], g, atol=1e-5, rtol=1e-5)
+    if topk == 6:  # and the sparse selection matters: dense attention gives other logits
+        dsa.set_mode(model, "dense")
+        with torch.no_grad():
+            assert (model(**inputs, use_cache=False).logits - fast.logits).abs().max() > 1e-2
+
+
+def test_fast_decode_equals_reference_full_forward(monkeypatch):
+    model = tiny_dsa(topk=6)
+    x = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        monkeypatch.setattr(dsa.attention, "FAST_PATHS", False)
+        full = model(x, use_cache=False).logits
+        monkeypatch.setattr(dsa.attention, "FAST_PATHS", True)
+        out = model(x[:, :10])
+        steps = [out.logits]
+        for t in range(10, 24):
+            out = model(x[:, t : t + 1], cache=out.cache)
+            steps.append(out.logits)
+    assert isinstance(out.cache.layers[0], GrowingIndexedLayer)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def layer_pair():
+    return GrowingIndexedLayer(), DynamicIndexedLayer()
+
+
+def feed(layers, t: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    k, v, ki = torch.randn(2, 3, t, 4, generator=g), torch.randn(2, 3, t, 4, generator=g), torch.randn(2, t, 5, generator=g)
+    return [(layer.update(k, v), layer.update_indexer(ki)) for layer in layers]
+
+
+def assert_same(growing, stock):
+    (k1, v1), i1 = growing
+    (k2, v2), i2 = stock
+    assert torch.equal(k1, k2) and torch.equal(v1, v2) and torch.equal(i1, i2)
+
+
+def test_growing_cache_layer_equals_dynamic_indexed_layer(monkeypatch):
+    monkeypatch.setattr(dsa.cache, "MIN_CAPACITY", 8)
+    growing, stock = layer_pair()
+    for step, t in enumerate([5, 1, 1, 3, 1, 7, 1]):
+        assert_same(*feed((growing, stock), t, step))
+    assert growing.get_seq_length() == stock.get_seq_length() == 19
+    for layer in (growing, stock):
+        layer.crop(-4)
+        layer.reorder_cache(torch.tensor([1, 0]))
+    assert_same(*feed((growing, stock), 2, 10))
+    for layer in (growing, stock):
+        layer.reset()
+    assert_same(*feed((growing, stock), 3, 11))
+    assert growing.get_seq_length() == 3
+
+
+def test_growing_cache_appends_in_place_and_grows_geometrically(monkeypatch):
+    monkeypatch.setattr(dsa.cache, "MIN_CAPACITY", 8)
+    layer = GrowingIndexedLayer()
+    feed([layer], 40, 0)
+    storage = layer.storage["keys"]
+    assert storage.shape[-2] == int(dsa.cache.GROWTH * 40)
+    for step in range(storage.shape[-2] - 40):  # appends while there is room: no new storage, no copy
+        feed([layer], 1, step + 1)
+        assert layer.storage["keys"] is storage and layer.keys.data_ptr() == storage.data_ptr()
+    feed([layer], 1, 99)
+    assert layer.storage["keys"] is not storage and layer.storage["keys"].shape[-2] == int(dsa.cache.GROWTH * 51)
