@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--topk", help="k values to sweep, comma-separated")
     p.add_argument("--ppl-windows", type=int, default=4, help="held-out windows per length for perplexity")
     p.add_argument("--recall-windows", type=int, default=1, help="windows of the largest length for indexer recall")
-    p.add_argument("--passkey-trials", type=int, default=2, help="trials per (length, depth) cell")
+    p.add_argument("--passkey-trials", type=int, default=1, help="trials per (length, depth) cell")
     p.add_argument("--passkey-depths", type=float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--passkey-lengths", type=int_list, help="default: --lengths")
     p.add_argument("--generations", type=int, default=2, help="generation prompts per language (Chinese, English)")

@@ -403,7 +403,7 @@ class CompareSettings:
     recall_windows: int = 1
     passkey_lengths: list[int] | None = None  # default: lengths
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    passkey_trials: int = 2
+    passkey_trials: int = 1
     decode_length: int | None = None  # default: the smallest length
     max_new_tokens: int = 64
     speed_lengths: list[int] | None = None  # default: lengths
@@ -429,7 +429,7 @@ def progress_total(s: CompareSettings, n_prompts: int) -> int:
         + s.recall_windows
         + sides * len(s.passkey_lengths) * len(s.passkey_depths) * s.passkey_trials
         + 2 * n_prompts
-        + sides * len(s.speed_lengths) * (s.speed_repeats + 1)  # + one warm-up probe
+        + sides * (1 + len(s.speed_lengths) * s.speed_repeats)  # + one warm-up probe per side
     )
 
 
@@ -533,17 +533,17 @@ def compare(dense: Variant, dsa_model, tokenizer, tokens: list[int], prompts: li
         generations.append(row)
     results["generations"] = {"topk": s.headline_topk, "max_new_tokens": s.max_new_tokens, "samples": generations}
 
-    # 5. speed and memory: medians over repeats after one warm-up probe per side and length
+    # 5. speed and memory: medians over repeats, after one warm-up probe per side (at the smallest length)
     probe_ids = token_windows(tokens, max(s.speed_lengths), 1)
     speed = {metric: {name: [] for name, _ in sides} for metric in ("prefill_s", "peak_memory_mb", "decode_ms_per_token")}
     for name, variant in sides:
         model = variant.activate()
+        speed_probe(model, probe_ids[:, : min(s.speed_lengths)], s.speed_decode_tokens)
+        step(f"speed warm-up {name}")
         for length in s.speed_lengths:
             probes = []
-            for repeat in range(s.speed_repeats + 1):
-                probe = speed_probe(model, probe_ids[:, :length], s.speed_decode_tokens)
-                if repeat:
-                    probes.append(probe)
+            for _ in range(s.speed_repeats):
+                probes.append(speed_probe(model, probe_ids[:, :length], s.speed_decode_tokens))
                 step(f"speed L={length} {name}")
             for metric in speed:
                 speed[metric][name].append(median([p[metric] for p in probes]))

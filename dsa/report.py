@@ -288,7 +288,7 @@ def speed_section(r: dict, plot: str) -> str:
         "",
         f"On {r['meta']['device']}, {r['meta']['dtype']}: one prefill of L tokens into a fresh cache (last-position logits "
         f"only), then {sp['decode_tokens']} greedy decode steps at context ~L; median of {sp['repeats']} run(s) after a "
-        f"warm-up. Peak memory: the prefill's peak above the memory held before it ({memory}).",
+        f"warm-up run. Peak memory: the prefill's peak above the memory held before it ({memory}).",
     ]
     for metric, label in SPEED_METRICS.items():
         dense = sp[metric]["dense"]
