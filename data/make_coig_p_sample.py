@@ -1,9 +1,13 @@
 """Write data/coig_p_sample.jsonl: COIG-P-format preference pairs (Chinese and English) for the tests and
 `dpo_train.py --preset tiny`. Deterministic: `python data/make_coig_p_sample.py` rewrites the same file.
 
-Each pair asks a short factual question; the chosen reply answers it in the language of the question.
-The rejected reply is one of three learnable failures: the same answer in the other language, a
-refusal, or a degenerate repetition. A few pairs have a system turn or an earlier exchange.
+Facts: a short factual question; the chosen reply answers it in the language of the question, the
+rejected reply is one of three learnable failures: the same answer in the other language, a refusal, or
+a degenerate repetition. A few prompts have a system turn or an earlier exchange, and about a third put
+filler text before the question, so that prompts get longer than the tiny preset's k = 64 and sparse
+attention differs from dense.
+Recall: the user states their name, filler follows, then asks for it; chosen gives the stated name,
+rejected another one (a long-range preference, which needs the attention to find the name).
 """
 
 import json
@@ -54,6 +58,18 @@ REFUSALS = {
     "en": ["Sorry, I cannot answer that.", "I don't know.", "I would rather not answer this question."],
 }
 SYSTEM = {"zh": "你是一个乐于助人的助手。", "en": "You are a helpful assistant."}
+FILLER = {  # the filler of DSA_SPEC section 5, and the tiny corpus's Chinese version of it
+    "zh": "草是绿的。天是蓝的。太阳是黄的。我们走吧。去了又回来。",
+    "en": "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ",
+}
+NAMES = {
+    "zh": ["张伟", "王芳", "李娜", "刘洋", "陈静", "杨磊", "赵敏", "黄勇", "周杰", "吴霞", "徐明", "孙丽"],
+    "en": ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Karen", "Leo"],
+}
+RECALL = {  # (statement, question, answer) templates
+    "zh": ("我叫{}。", "我叫什么名字？", "你叫{}。"),
+    "en": ("My name is {}. ", "What is my name?", "Your name is {}."),
+}
 GREETING = {  # an earlier exchange for multi-turn prompts
     "zh": ("你好！", "你好！有什么可以帮你的吗？"),
     "en": ("Hello!", "Hello! How can I help you?"),
@@ -66,30 +82,40 @@ def degenerate(answer: str, lang: str) -> str:
     return (unit * 8).strip()
 
 
-def pairs(rng: random.Random):
+def pair(turns: list[dict], chosen: str, rejected: str) -> dict:
+    return {"conversations": turns, "chosen": {"from": "gpt", "value": chosen}, "rejected": {"from": "gpt", "value": rejected}}
+
+
+def fact_pairs(rng: random.Random):
     for zh_q, zh_a, en_q, en_a in FACTS:
         text = {"zh": (zh_q, zh_a), "en": (en_q, en_a)}
         for lang, other in (("zh", "en"), ("en", "zh")):
             question, answer = text[lang]
             rejected = [text[other][1], rng.choice(REFUSALS[lang]), degenerate(answer, lang)]
             for bad in rejected:
-                turns = [{"from": "human", "value": question}]
                 shape = rng.random()
+                filler = FILLER[lang] * rng.randint(2, 5) + "\n" if shape > 0.65 else ""
+                turns = [{"from": "human", "value": filler + question}]
                 if shape < 0.15:
                     turns = [{"from": "system", "value": SYSTEM[lang]}] + turns
                 elif shape < 0.3:
                     hello, reply = GREETING[lang]
                     turns = [{"from": "human", "value": hello}, {"from": "gpt", "value": reply}] + turns
-                yield {
-                    "conversations": turns,
-                    "chosen": {"from": "gpt", "value": answer},
-                    "rejected": {"from": "gpt", "value": bad},
-                }
+                yield pair(turns, answer, bad)
+
+
+def recall_pairs(rng: random.Random, per_language: int = 24):
+    for lang in ("zh", "en"):
+        statement, question, answer = RECALL[lang]
+        for _ in range(per_language):
+            name, other = rng.sample(NAMES[lang], 2)
+            prompt = statement.format(name) + FILLER[lang] * rng.randint(2, 5) + "\n" + question
+            yield pair([{"from": "human", "value": prompt}], answer.format(name), answer.format(other))
 
 
 def main():
     rng = random.Random(0)
-    rows = list(pairs(rng))
+    rows = list(fact_pairs(rng)) + list(recall_pairs(rng))
     rng.shuffle(rows)
     out = Path(__file__).with_name("coig_p_sample.jsonl")
     with open(out, "w", encoding="utf-8") as f:

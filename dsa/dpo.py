@@ -40,6 +40,7 @@ still logged (`indexer_kl`) to show the drift.
 """
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -47,8 +48,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
-COIG_P_HUB = "m-a-p/COIG-P"
+from .data import IGNORE_INDEX as IGNORE
+from .errors import UsageError
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name
 ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 
 
@@ -152,27 +155,34 @@ def read_rows(source: str) -> Iterator[dict | None]:
     if path.is_dir():
         files = sorted(f for f in path.rglob("*") if f.suffix in (".jsonl", ".parquet"))
         if not files:
-            raise FileNotFoundError(f"--data {source}: no .jsonl or .parquet files in this directory")
+            raise UsageError(f"data directory has no .jsonl or .parquet file: {source}")
         for f in files:
             yield from read_rows(str(f))
     elif path.suffix == ".jsonl":
         if not path.is_file():
-            raise FileNotFoundError(f"--data {source}: no such file")
+            raise UsageError(f"data file not found: {source}")
         with open(path, encoding="utf-8") as f:
             for line in f:
                 if line.strip():
                     yield json_or_none(line)
     elif path.suffix == ".parquet":
         if not path.is_file():
-            raise FileNotFoundError(f"--data {source}: no such file")
+            raise UsageError(f"data file not found: {source}")
         import pyarrow.parquet as pq
 
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             yield from batch.to_pylist()
     elif source.startswith("modelscope:"):
         yield from read_rows(modelscope_download(source.removeprefix("modelscope:")))
-    else:
+    elif HUB_ID.match(source) and not path.exists():
         yield from hub_rows(source)
+    else:
+        raise UsageError(f"data file not found or not .jsonl / .parquet: {source}")
+
+
+def check_source(source: str) -> None:
+    """Open the source and read its first row: a UsageError now for a missing file or an unreachable dataset."""
+    next(read_rows(source), None)
 
 
 def json_or_none(line: str):
@@ -183,27 +193,33 @@ def json_or_none(line: str):
 
 
 def modelscope_download(dataset_id: str) -> str:
+    import logging
+
     from modelscope import dataset_snapshot_download
 
+    logging.getLogger("modelscope_hub").setLevel(logging.ERROR)  # retries are reported in the error below
     try:
         return dataset_snapshot_download(dataset_id, allow_file_pattern=["*.parquet", "*.jsonl"])
     except Exception as e:
-        raise FileNotFoundError(
-            f"--data modelscope:{dataset_id}: could not download from ModelScope ({type(e).__name__}); "
+        raise UsageError(
+            f"cannot download dataset {dataset_id!r} from ModelScope ({type(e).__name__}); "
             "pass a local .jsonl/.parquet with --data PATH, or --preset tiny"
         ) from None
 
 
 def hub_rows(dataset_id: str) -> Iterator[dict]:
+    import logging
+
     import datasets
 
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retries are reported in the error below
     try:
         rows = datasets.load_dataset(dataset_id, split="train", streaming=True)
         first = iter(rows)
         row = next(first)
     except Exception as e:
-        raise FileNotFoundError(
-            f"--data {dataset_id}: not a local file and could not be read from the Hugging Face hub "
+        raise UsageError(
+            f"data {dataset_id!r} is not a local file and cannot be read from the Hugging Face hub "
             f"({type(e).__name__}); pass a local .jsonl/.parquet with --data PATH, or --preset tiny"
         ) from None
     yield row
@@ -213,16 +229,12 @@ def hub_rows(dataset_id: str) -> Iterator[dict]:
 class PreferencePairs(torch.utils.data.IterableDataset):
     """Tokenized pairs streamed from a COIG-P source, pass after pass, each pass shuffled through a
     buffer of `shuffle_buffer` pairs (seeded by seed and pass number). Counters over the first pass:
-    `skipped` malformed rows, `truncated` pairs cut to max_length; `passes` counts completed passes.
-    The source is opened at construction, so a missing file or an unreachable dataset fails early."""
+    `skipped` malformed rows, `truncated` pairs cut to max_length; `passes` counts completed passes."""
 
     def __init__(self, source: str, tokenizer, max_length: int, seed: int = 0, shuffle_buffer: int = 1024):
-        if max_length < 2:
-            raise ValueError(f"--max-length must be at least 2, got {max_length}")
         self.source, self.tokenizer, self.max_length = source, tokenizer, max_length
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.skipped = self.truncated = self.passes = 0
-        next(read_rows(source), None)
 
     def pairs(self) -> Iterator[dict]:
         """One pass over the source in file order."""
@@ -247,7 +259,7 @@ class PreferencePairs(torch.utils.data.IterableDataset):
             while buffer:
                 yield buffer.pop(torch.randint(len(buffer), (1,), generator=rng).item())
             if n == 0:
-                raise ValueError(f"--data {self.source}: no valid preference pairs ({self.skipped} malformed rows)")
+                raise UsageError(f"no valid preference pair in {self.source} ({self.skipped} malformed rows)")
             self.passes += 1
 
 

@@ -1,7 +1,7 @@
 """Default flag values of every training stage, and the `--preset tiny` values that replace them.
 
 Precedence: a flag given on the command line > the preset's value > the stage default. `model` is left
-out where the script decides it (warm-up: the tiny base model under --preset tiny).
+out where the script decides it (warm-up and DPO: the tiny base model under --preset tiny).
 
 The tiny preset (offline, 2 CPU cores): a 4-layer Qwen2 model built by `dsa.tiny`, the bundled
 conversations of data/, windows of 512 tokens and k = 64 = L/8 (DSA_SPEC: sequences must be longer than
@@ -21,6 +21,8 @@ STAGE_DEFAULTS = {
                    index_n_heads=4, index_head_dim=64, index_rope_dim=32),
     "sparse": dict(COMMON, model="runs/warmup", output_dir="runs/sparse", max_steps=1000, lr=1e-5, indexer_lr=1e-3,
                    topk=None),
+    "dpo": dict(COMMON, data="m-a-p/COIG-P", model="runs/sparse", output_dir="runs/dpo", max_steps=1000, lr=5e-7,
+                indexer_lr=1e-4, beta=0.1, max_length=2048, seq_len=None, batch_size=2, topk=None),
 }
 
 TINY_COMMON = dict(data=TINY_DATA, seq_len=512, batch_size=4, grad_accum=1, seed=0, save_every=50)
@@ -32,6 +34,8 @@ PRESETS = {
                        index_n_heads=2, index_head_dim=32, index_rope_dim=16),
         "sparse": dict(TINY_COMMON, model=str(TINY_ROOT / "warmup"), output_dir=str(TINY_ROOT / "sparse"),
                        max_steps=60, lr=1e-4, indexer_lr=1e-3, topk=64),
+        "dpo": dict(TINY_COMMON, model=None, data=str(DATA_DIR / "coig_p_sample.jsonl"), output_dir=str(TINY_ROOT / "dpo"),
+                    max_steps=40, lr=1e-4, indexer_lr=1e-3, max_length=256, seq_len=None, batch_size=8, save_every=20),
     },
 }
 

@@ -12,6 +12,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import dsa
+from dsa.errors import UsageError
 from dsa.dpo import IGNORE, DPOLoss, PreferencePairs, collate, dpo_loss, parse_row, read_rows, sequence_logps, tokenize_pair
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "coig_p_sample.jsonl"
@@ -53,7 +54,7 @@ def tiny_dsa(vocab_size: int, topk: int = 4) -> dsa.Qwen2DSAForCausalLM:
     )
 
 
-def sample_pairs(tokenizer, n: int, max_length: int = 128) -> list[dict]:
+def sample_pairs(tokenizer, n: int | None, max_length: int = 256) -> list[dict]:
     rows = [parse_row(row) for row in read_rows(str(SAMPLES))]
     return [tokenize_pair(tokenizer, *row, max_length) for row in rows[:n]]
 
@@ -211,9 +212,9 @@ def test_parquet_source_reads_the_same_columns(tokenizer, tmp_path):
 
 
 def test_missing_source_fails_early_naming_it(tokenizer, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        PreferencePairs(str(tmp_path / "nope.jsonl"), tokenizer, max_length=64)
-    with pytest.raises(ValueError, match="no valid preference pairs"):
+    with pytest.raises(UsageError, match="data file not found: .*nope.jsonl"):
+        next(iter(PreferencePairs(str(tmp_path / "nope.jsonl"), tokenizer, max_length=64)))
+    with pytest.raises(UsageError, match="no valid preference pair"):
         (tmp_path / "bad.jsonl").write_text("{}\n")
         next(iter(PreferencePairs(str(tmp_path / "bad.jsonl"), tokenizer, max_length=64)))
 
@@ -251,8 +252,8 @@ def test_reference_frozen_and_indexer_flag(tokenizer, train_indexer):
 def test_dpo_learns_preferences_on_bundled_samples(tokenizer):
     """A few dozen DPO steps on most of the bundled pairs: the held-out pairs' reward accuracy rises
     from 0 (policy == reference) and the policy ranks their chosen reply above the rejected one more often."""
-    pairs = sample_pairs(tokenizer, 216)
-    train, held_out = pairs[:176], collate(pairs[176:], tokenizer.pad_token_id)
+    pairs = sample_pairs(tokenizer, None)
+    train, held_out = pairs[:-48], collate(pairs[-48:], tokenizer.pad_token_id)
     model = tiny_qwen2(len(tokenizer))
     loss_fn = DPOLoss(copy.deepcopy(model), beta=0.1)
 
@@ -278,3 +279,101 @@ def test_dpo_learns_preferences_on_bundled_samples(tokenizer):
     accuracy_after, ranking_after = evaluate()
     assert accuracy_before == 0.0 and accuracy_after >= 0.75
     assert ranking_after > ranking_before
+
+
+def test_pair_stream_is_deterministic_per_seed(tokenizer):
+    """Resuming replays the stream from the start and skips what was consumed: it must repeat exactly."""
+    n = sum(1 for _ in open(SAMPLES, encoding="utf-8"))
+    take = lambda seed: [p["chosen_input_ids"] + p["rejected_input_ids"] for _, p in zip(range(2 * n), PreferencePairs(str(SAMPLES), tokenizer, 128, seed, 64))]  # noqa: E731
+    first = take(0)
+    assert first == take(0) and first != take(1)
+    assert sorted(first[:n]) == sorted(first[n:]) and first[:n] != first[n:]  # each pass: every pair, in a new order
+
+
+# ---------------------------------------------------------------------------------------------------
+# dpo_train.py on the tiny preset (a barely pretrained tiny base, short runs)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from dsa.tiny import ensure_tiny_base
+
+    return ensure_tiny_base(tmp_path_factory.mktemp("tiny"), ["--max-steps", "4", "--seq-len", "128"])
+
+
+@pytest.fixture(scope="module")
+def dsa_base(base, tmp_path_factory):
+    """The tiny base with fresh indexers, k = 16: most bundled pairs are longer, so attention is sparse."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("dsa")
+    torch.manual_seed(0)
+    model = dsa.add_indexers(AutoModelForCausalLM.from_pretrained(base), dsa.DSAConfig(2, 32, 16, 16))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_train_tiny_preset_raises_reward_accuracy(base, tmp_path):
+    import dpo_train
+
+    dpo_train.main(["--preset", "tiny", "--model", str(base), "--output-dir", str(tmp_path), "--max-steps", "30", "--save-every", "0"])
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert {"loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "lr"} <= set(rows[0])
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and rows[0]["reward_margin"] == pytest.approx(0, abs=1e-6)
+    first = sum(r["reward_accuracy"] for r in rows[:10]) / 10  # 8 pairs per step: one step's accuracy is noisy
+    last = sum(r["reward_accuracy"] for r in rows[-10:]) / 10
+    assert last >= 0.7 and last >= first + 0.2, (first, last)
+    assert sum(r["reward_margin"] for r in rows[-10:]) / 10 > 0.1
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_dpo_train_dsa_indexer_learns_or_stays_frozen(dsa_base, tmp_path, freeze):
+    import dpo_train
+    from transformers import AutoModelForCausalLM
+
+    flags = ["--preset", "tiny", "--model", str(dsa_base), "--output-dir", str(tmp_path), "--max-steps", "3", "--save-every", "0"]
+    dpo_train.main(flags + ["--freeze-indexer"] * freeze)
+    before, after = weights(dsa_base), weights(tmp_path)
+    assert set(after) <= set(before) and any(".indexer." in name for name in after)  # (lm_head is tied)
+    changed = {name for name in after if not torch.equal(before[name], after[name])}
+    assert any(".indexer." not in name for name in changed)
+    assert any(".indexer." in name for name in changed) != freeze
+    rows = metrics(tmp_path)
+    assert all(r["indexer_kl"] > 0 for r in rows) and ("lr_indexer" in rows[0]) != freeze
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(reloaded, dsa.Qwen2DSAForCausalLM) and reloaded.config.index_topk == 16
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--data", "missing/pairs.jsonl"], "data file not found: missing/pairs.jsonl"),
+        (["--data", "pairs.csv"], "data file not found or not .jsonl / .parquet: pairs.csv"),
+        (["--model", "runs/no-such-model"], "model not found: runs/no-such-model"),
+        (["--beta", "0"], "--beta must be > 0, got 0.0"),
+        (["--max-length", "1"], "--max-length must be >= 2, got 1"),
+        (["--seq-len", "64"], "use --max-length instead of --seq-len"),
+    ],
+)
+def test_dpo_train_bad_input_one_line_error(base, tmp_path, capsys, flags, message):
+    import dpo_train
+    from dsa.train_utils import cli
+
+    argv = ["--preset", "tiny", "--model", str(base), "--output-dir", str(tmp_path), *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        cli(lambda: dpo_train.main(argv))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code != 0 and message in err and len(err.splitlines()) == 1
