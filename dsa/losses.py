@@ -25,9 +25,10 @@ NEG = torch.finfo(torch.float32).min  # a finite "minus infinity": softmax of a 
 
 
 def attention_target(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """logits: B, H, T, R (fp32); allowed: B, T, R  ->  p: B, T, R, rows summing to 1 (or 0 if empty)."""
+    """logits: B, H, T, R; allowed: B, T, R  ->  p: B, T, R (fp32), rows summing to 1 (or 0 if empty).
+    The logits are upcast first: under bf16 autocast the matmul that made them returns bf16, where NEG overflows."""
     mask = allowed[:, None]
-    probs = F.softmax(logits.masked_fill(~mask, NEG), dim=-1) * mask
+    probs = F.softmax(logits.float().masked_fill(~mask, NEG), dim=-1) * mask
     p = probs.sum(dim=1)  # sum over heads
     return p / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 

@@ -6,7 +6,7 @@ command-line flags, and model loading.
     run_training(args, model, [{"params": ..., "lr": ...}], dataloader, loss_fn, tokenizer, save_dtype=dtype)
 
 `loss_fn(model, batch) -> (loss, {name: float})` is the only stage-specific part. The loop:
-accelerate (one process, or `accelerate launch` for DDP; bf16 autocast on CUDA, fp32 on CPU), AdamW over
+accelerate (one process, or `accelerate launch` for DDP; bf16 autocast on CUDA, fp32 on CPU unless --bf16), AdamW over
 the parameter groups (each may carry its own "lr" and a "name"), linear warm-up over
 `--lr-warmup` steps (default 5% of --max-steps) then cosine decay to 0, no weight decay, gradient norm
 clipped to 1, `--grad-accum` micro-batches per optimizer step.
@@ -67,6 +67,7 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     p.add_argument("--preset", choices=sorted(PRESETS), help="tiny: small offline model and bundled data")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layer activations in backward")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (faster where the CPU has bf16 units)")
     return p
 
 
@@ -150,10 +151,11 @@ def load_model(name: str) -> tuple[torch.nn.Module, object, torch.dtype]:
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
-    """bf16 autocast on CUDA, fp32 elsewhere. The scheduler is stepped by hand, once per optimizer step."""
+    """bf16 autocast on CUDA (and on CPU with --bf16), fp32 elsewhere. The scheduler is stepped by hand,
+    once per optimizer step."""
     device_type = PartialState().device.type
     return Accelerator(
-        mixed_precision="bf16" if device_type == "cuda" else "no",
+        mixed_precision="bf16" if device_type == "cuda" or getattr(args, "bf16", False) else "no",
         gradient_accumulation_steps=args.grad_accum,
         step_scheduler_with_optimizer=False,
     )
