@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     dense, tokenizer, saved_dtype = load_model(args.model)
 
     model = dsa.add_indexers(dense, dsa_config)
+    del dense  # add_indexers copied its weights: do not hold a second copy of the base model while training
     model.requires_grad_(False)
     indexer = [p for name, p in model.named_parameters() if ".indexer." in name]
     for p in indexer:
