@@ -32,6 +32,7 @@ DEFAULTS = dict(
     output_dir="runs/compare",
     lengths="1024,2048,4096",
     topk="64,128,256,512",
+    passkey_depths="0,0.25,0.5,0.75,1",
 )
 TINY = dict(
     model=str(TINY_ROOT / "sparse"),
@@ -39,6 +40,7 @@ TINY = dict(
     output_dir=str(TINY_ROOT / "compare"),
     lengths="256,512,1024",
     topk="16,32,64,128",
+    passkey_depths="0,0.5,1",
 )
 
 
@@ -74,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ppl-windows", type=int, default=4, help="held-out windows per length for perplexity")
     p.add_argument("--recall-windows", type=int, default=1, help="windows of the largest length for indexer recall")
     p.add_argument("--passkey-trials", type=int, default=1, help="trials per (length, depth) cell")
-    p.add_argument("--passkey-depths", type=float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--passkey-depths", help="needle depths in [0, 1], comma-separated")
     p.add_argument("--passkey-lengths", type=int_list, help="default: --lengths")
     p.add_argument("--generations", type=int, default=2, help="generation prompts per language (Chinese, English)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
@@ -89,11 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in (TINY if args.preset == "tiny" else DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("lengths", "topk"):
+    for name, parse in (("lengths", int_list), ("topk", int_list), ("passkey_depths", float_list)):
         try:
-            setattr(args, name, int_list(getattr(args, name)))
+            setattr(args, name, parse(getattr(args, name)))
         except argparse.ArgumentTypeError as e:
-            raise UsageError(f"--{name}: {e}") from None
+            raise UsageError(f"--{name.replace('_', '-')}: {e}") from None
     for name in ("ppl_windows", "recall_windows", "passkey_trials", "max_new_tokens", "speed_repeats", "speed_decode_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -161,6 +163,7 @@ def main(argv=None) -> None:
     if len(tokens) < max(settings.lengths + settings.speed_lengths):
         raise UsageError(f"--data {args.data} has {len(tokens)} tokens, fewer than the largest length {max(settings.lengths)}")
 
+    dsa_config = vars(model.config.dsa)  # before the sweep changes index_topk
     with tqdm(total=progress_total(settings, len(prompts)), desc="compare", dynamic_ncols=True) as bar:
         results = compare(dense, model, tokenizer, tokens, prompts, settings, bar)
     results = {
@@ -173,7 +176,7 @@ def main(argv=None) -> None:
             "n_params": sum(p.numel() for p in model.parameters()),
             "n_layers": model.config.num_hidden_layers,
             "vocab_size": model.config.vocab_size,
-            "dsa_config": vars(model.config.dsa),
+            "dsa_config": dsa_config,
             "headline_topk": settings.headline_topk,
             "torch": torch.__version__,
             "transformers": transformers.__version__,

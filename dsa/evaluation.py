@@ -6,9 +6,9 @@ serves both sides when no separate baseline is given (`dsa.set_mode(model, "dens
 (schema: docs/results_schema.md).
 """
 
+import ctypes
 import itertools
 import math
-import os
 import platform
 import random
 import re
@@ -299,19 +299,27 @@ def passkey_answer(text: str) -> int | None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def rss_bytes() -> int | None:
-    """Resident set size of this process (Linux /proc), or None elsewhere."""
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_bytes() -> int | None:
+    """Bytes the process has allocated with malloc and not freed (glibc mallinfo2: heap + mmapped chunks;
+    torch's CPU tensors live there), or None without glibc >= 2.33. Unlike the RSS, it drops when memory is
+    freed, even if the allocator keeps the pages."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
         return None
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 class PeakMemory:
     """Peak memory above the level at entry, in bytes (`.bytes`, None if unmeasurable).
-    cuda: torch.cuda.max_memory_allocated. cpu: the process RSS, sampled every millisecond by a thread
-    (approximate: the allocator may reuse or keep freed pages)."""
+    cuda: torch.cuda.max_memory_allocated. cpu: heap_bytes(), sampled every millisecond by a thread
+    (a peak shorter than that can be missed)."""
 
     def __init__(self, device: torch.device):
         self.device, self.bytes = device, None
@@ -322,7 +330,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
-            self.start = self.peak = rss_bytes()
+            self.start = self.peak = heap_bytes()
             self.running = self.start is not None
             self.thread = threading.Thread(target=self.sample, daemon=True)
             self.thread.start()
@@ -330,7 +338,7 @@ class PeakMemory:
 
     def sample(self):
         while self.running:
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, heap_bytes())
             time.sleep(0.001)
 
     def __exit__(self, *exc):
@@ -340,7 +348,7 @@ class PeakMemory:
         elif self.start is not None:
             self.running = False
             self.thread.join()
-            self.bytes = max(self.peak, rss_bytes()) - self.start
+            self.bytes = self.peak - self.start
 
 
 @torch.no_grad()

@@ -282,7 +282,7 @@ def cell(text: str) -> str:
 def speed_section(r: dict, plot: str) -> str:
     sp = r["speed"]
     ks = list(sp["prefill_s"]["dsa"])
-    memory = "torch.cuda.max_memory_allocated" if r["meta"]["device"].endswith("(cuda)") else "the process RSS sampled every ms"
+    memory = "torch.cuda.max_memory_allocated" if r["meta"]["device"].endswith("(cuda)") else "malloc'd bytes in use, glibc mallinfo2, sampled every ms"
     blocks = [
         "## 5. Speed and memory",
         "",
