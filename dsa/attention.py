@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from .indexer import index_scores
 
 # Queries per chunk are chosen so that (queries x keys) stays under this many elements.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 # The model runs the fast paths below; False runs the reference path everywhere (tests compare the two).
 FAST_PATHS = True
+FAST_BLOCK = 16  # queries per block in sparse_attention_fast
 NEG = torch.finfo(torch.float32).min  # a finite "minus infinity" for masked logits
 
 
@@ -52,21 +53,36 @@ def break_zero_ties(scores: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def select_topk(q_idx, k_idx, w_idx, allowed: torch.Tensor, topk: int):
+def select_topk(q_idx, k_idx, w_idx, allowed: torch.Tensor, topk: int, fast: bool = False):
     """The top-k keys of each query by index score, among its allowed keys.
 
     q_idx: B, T, H_I, d_I; k_idx: B, S, d_I; w_idx: B, T, H_I; allowed: B, T, S.
-    Exact-zero ties go to the most recent keys (`break_zero_ties`).
+    Exact-zero ties go to the most recent keys (`break_zero_ties`). fast: scores by `index_scores_inplace`.
     Returns indices B, T, K (long) and valid B, T, K (bool). A selected slot is valid only if its key is
     allowed: when a row has fewer than K allowed keys, topk also returns masked positions, and those
     must never be attended.
     """
-    scores = break_zero_ties(index_scores(q_idx, k_idx, w_idx))  # B, T, S
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = (index_scores_inplace if fast else index_scores)(q_idx, k_idx, w_idx)  # B, T, S
+    scores = break_zero_ties(scores).masked_fill_(~allowed, float("-inf"))
     k = min(topk, scores.shape[-1])
     indices = scores.topk(k, dim=-1, sorted=False).indices  # B, T, K
     valid = allowed.expand_as(scores).gather(-1, indices)
     return indices, valid
+
+
+def index_scores_inplace(q_idx, k_idx, w_idx) -> torch.Tensor:
+    """`index_scores` without autograd: one matmul for all indexer heads, then ReLU and the weighted sum
+    over heads in place (no second B*T*H_I*S tensor). A single query (decoding) multiplies the other way
+    round, k_idx @ q^T, which streams the S x d_I indexer keys once, in order (the cost of a decode step)."""
+    B, T, H, d = q_idx.shape
+    if T == 1:
+        logits = torch.matmul(k_idx, q_idx.view(B, H, d).transpose(1, 2)).relu_()  # B, S, H
+        return torch.matmul(logits.float(), w_idx.reshape(B, H, 1)).view(B, 1, -1)
+    logits = torch.matmul(q_idx.reshape(B, T * H, d), k_idx.transpose(1, 2)).view(B, T, H, -1).relu_()
+    scores = logits[:, :, 0].float() * w_idx[:, :, 0, None]  # B, T, S
+    for j in range(1, H):
+        scores.addcmul_(logits[:, :, j], w_idx[:, :, j, None])
+    return scores
 
 
 def gather_keys(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -114,25 +130,29 @@ def per_head_contiguous(x: torch.Tensor) -> torch.Tensor:
 def sparse_attention_fast(q, k, v, indices, valid, scaling: float) -> torch.Tensor:
     """`sparse_attention` (same contract and result) without gathering the values, or the keys of all heads at once.
 
-    Per batch row and KV head: the selected keys by index_select (a row copy, several times faster than
-    advanced indexing on CPU), the G query heads' logits by one batched matmul, and the output
-    sum_j probs[j] * v[indices[j]] by embedding_bag(mode="sum", per_sample_weights=probs), which reads the
-    selected value rows without materializing them. k and v need contiguous heads (`per_head_contiguous`).
+    Per batch row, KV head and block of FAST_BLOCK queries (their gathered keys stay in cache): the selected
+    keys by index_select (a row copy, several times faster than advanced indexing on CPU), the G query heads'
+    logits by one batched matmul, and the output sum_j probs[j] * v[indices[j]] by
+    embedding_bag(mode="sum", per_sample_weights=probs), which reads the selected value rows without
+    materializing them. k and v need contiguous heads (`per_head_contiguous`).
     """
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], indices.shape[-1]
     G = Hq // Hkv
     out = q.new_empty(B, T, Hkv, G, D)
     for b in range(B):
-        mask = valid[b, :, None, :]  # T, 1, K
-        bags = indices[b, :, None, :].expand(T, G, K).reshape(T * G, K)  # each query's keys, once per query head
-        for h in range(Hkv):
-            k_sel = k[b, h].index_select(0, indices[b].reshape(-1)).view(T, K, D)
-            logits = torch.matmul(q[b, h * G : (h + 1) * G].transpose(0, 1), k_sel.transpose(1, 2)) * scaling  # T, G, K
-            logits = logits.float().masked_fill(~mask, NEG)
-            probs = (F.softmax(logits, dim=-1) * mask).to(v.dtype)
-            o = F.embedding_bag(bags, v[b, h], mode="sum", per_sample_weights=probs.reshape(T * G, K))
-            out[b, :, h] = o.view(T, G, D)
+        for start in range(0, T, FAST_BLOCK):
+            rows = slice(start, min(start + FAST_BLOCK, T))
+            idx, mask = indices[b, rows], valid[b, rows, None, :]  # C, K and C, 1, K
+            C = idx.shape[0]
+            bags = idx[:, None, :].expand(C, G, K).reshape(C * G, K)  # each query's keys, once per query head
+            for h in range(Hkv):
+                k_sel = k[b, h].index_select(0, idx.reshape(-1)).view(C, K, D)
+                logits = torch.matmul(q[b, h * G : (h + 1) * G, rows].transpose(0, 1), k_sel.transpose(1, 2))  # C, G, K
+                logits = (logits * scaling).float().masked_fill(~mask, NEG)
+                probs = (F.softmax(logits, dim=-1) * mask).to(v.dtype)
+                o = F.embedding_bag(bags, v[b, h], mode="sum", per_sample_weights=probs.reshape(C * G, K))
+                out[b, rows, h] = o.view(C, G, D)
     return out.view(B, T, Hq, D)
 
 

@@ -139,7 +139,7 @@ class Qwen2DSAAttention(Qwen2Attention):
                 if self.training:
                     kl = maybe_checkpoint(warmup_kl, q_c, k_c, q_idx_c, k_idx_c, w_idx_c, allowed, self.scaling)
             else:
-                indices, valid = select_topk(q_idx_c, k_idx_c, w_idx_c, allowed, self.topk)  # B, C, K
+                indices, valid = select_topk(q_idx_c, k_idx_c, w_idx_c, allowed, self.topk, fast)  # B, C, K
                 attend = attention.sparse_attention_fast if fast else attention.sparse_attention
                 outs.append(maybe_checkpoint(attend, q_c, k_c, v_c, indices, valid, self.scaling))
                 if self.training:

@@ -181,3 +181,14 @@ def test_growing_cache_appends_in_place_and_grows_geometrically(monkeypatch):
         assert layer.storage["keys"] is storage and layer.keys.data_ptr() == storage.data_ptr()
     feed([layer], 1, 99)
     assert layer.storage["keys"] is not storage and layer.storage["keys"].shape[-2] == int(dsa.cache.GROWTH * 51)
+
+
+def test_bench_strawman_is_the_same_attention_as_the_model():
+    from bench.strawman import use_masked_attention
+
+    model = tiny_dsa(topk=6)
+    x = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fast = model(x).logits
+        use_masked_attention(model)
+        torch.testing.assert_close(model(x).logits, fast, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,306 @@
+"""Speed and memory of DSA against stock Qwen2 (SDPA) and a mask-based DSA, at Qwen2.5-0.5B shapes.
+
+    uv run python bench/dsa_bench.py --out bench/results/cpu.json                 # everything (long)
+    uv run python bench/dsa_bench.py --out /tmp/b.json --prefill 2048 --decode 4096 --runs 1 --no-train
+
+Every figure (one variant at one length) is measured in its own fresh process, with the baselines in the
+same invocation. Models have random weights (timing does not depend on them) with the attention shapes of
+Qwen2.5-0.5B: hidden 896, 14 query heads, 2 KV heads, head_dim 64, MLP 4864, vocab 151936, tied
+embeddings; DSA indexer 4 heads x 64, RoPE on 32 features, k = 512. No grad unless stated.
+
+  prefill   model(ids, use_cache=True, logits_to_keep=1) on L tokens, as generate() prefills, with
+            --prefill-layers layers. Latency: median of --runs runs after a 256-token warm-up. Peak
+            memory: the first run's resident-set high-water mark above the resident set just before
+            it (CPU: /proc/self/status VmHWM after resetting it with /proc/self/clear_refs; GPU:
+            torch.cuda.max_memory_allocated above the allocated memory before it).
+  decode    per-token latency of model(next_token, cache=...) at context S, with --decode-layers
+            layers (default 24, the whole model). The cache is filled with S random tokens (a real
+            prefill at 64K would take hours here; values do not change the cost); then --warm steps,
+            and the median of --steps timed steps, cache appends included. Caches: DSA the one its
+            generate() uses (dsa_cache), stock transformers' StaticCache (its fastest) and DynamicCache
+            (its default). "decode-attention" is the same with the MLP and vocabulary shrunk to almost
+            nothing (intermediate 64, vocab 1024): the attention blocks and their caches alone.
+  train     one warm-up-stage training step at --train-length (indexers trainable, base frozen, the
+            call warmup_train.py makes, AdamW step), after one step at 256 tokens; peak as above.
+
+Variants: "stock" (Qwen2ForCausalLM, SDPA), "dsa" (Qwen2DSAForCausalLM, sparse mode, fast paths),
+"mask" (bench/strawman.py: dense logits + -inf mask; only up to --mask-max tokens, its B*Hq*L*L logits
+alone would need 14 * 4 * L^2 bytes: 15 GB at 16K).
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM, StaticCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: dsa, bench
+import dsa  # noqa: E402
+from bench.strawman import use_masked_attention  # noqa: E402
+from dsa.config import dsa_config_from  # noqa: E402
+from dsa.modeling import dsa_cache  # noqa: E402
+
+SHAPES = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=131072,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    tie_word_embeddings=True,
+)
+ATTENTION_ONLY = dict(intermediate_size=64, vocab_size=1024)  # "decode-attention": MLP and vocabulary ~ nothing
+DSA_SHAPES = dsa.DSAConfig(index_n_heads=4, index_head_dim=64, index_rope_dim=32, index_topk=512)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One figure (runs in a worker process)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def build_model(variant: str, layers: int, device, dtype, **overrides):
+    torch.manual_seed(0)
+    config = Qwen2Config(**{**SHAPES, **overrides}, num_hidden_layers=layers)
+    config._attn_implementation = "sdpa"
+    if variant == "stock":
+        model = Qwen2ForCausalLM(config)
+    else:
+        model = dsa.Qwen2DSAForCausalLM(dsa_config_from(config, DSA_SHAPES))
+        if variant == "mask":
+            use_masked_attention(model)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak memory above the starting point, in MiB, of the code inside `with`."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = proc_status("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else proc_status("VmHWM")
+        self.mib = (peak - self.start) / 2**20
+
+
+def proc_status(field: str) -> int:
+    """A memory field of /proc/self/status, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def timed(fn, device) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process) of fn()."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def summary(timings: list[tuple[float, float]], **extra) -> dict:
+    wall, cpu = zip(*timings)
+    return {"times_s": wall, "median_s": statistics.median(wall), "cpu_s": cpu, "median_cpu_s": statistics.median(cpu), **extra}
+
+
+@torch.no_grad()
+def prefill_figure(variant: str, length: int, layers: int, runs: int) -> dict:
+    device, dtype = device_and_dtype()
+    model = build_model(variant, layers, device, dtype)
+    ids = torch.randint(0, SHAPES["vocab_size"], (1, length), generator=torch.Generator().manual_seed(0)).to(device)
+    model(ids[:, :256], use_cache=True, logits_to_keep=1)  # warm-up
+    times, peaks = [], []
+    for _ in range(runs):
+        with PeakMemory(device) as peak:
+            times.append(timed(lambda: model(ids, use_cache=True, logits_to_keep=1), device))
+        peaks.append(peak.mib)
+    return summary(times, peak_mib=peaks[0])
+
+
+def make_cache(cache_kind: str, model, max_len: int):
+    if cache_kind == "dsa":
+        return dsa_cache(model.config)
+    if cache_kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    return DynamicCache(config=model.config)
+
+
+@torch.no_grad()
+def decode_figure(variant: str, cache_kind: str, context: int, layers: int, warm: int, steps: int, attention_only: bool) -> dict:
+    device, dtype = device_and_dtype()
+    model = build_model(variant, layers, device, dtype, **(ATTENTION_ONLY if attention_only else {}))
+    config = model.config
+    cache = make_cache(cache_kind, model, context + warm + steps)
+    g = torch.Generator(device=device).manual_seed(0)
+    head_dim = config.hidden_size // config.num_attention_heads
+    for layer in cache.layers:  # context tokens of random keys/values (and indexer keys)
+        kv = [torch.randn(1, config.num_key_value_heads, context, head_dim, generator=g, device=device, dtype=dtype) for _ in range(2)]
+        layer.update(*kv)
+        if hasattr(layer, "update_indexer"):
+            layer.update_indexer(torch.randn(1, context, config.index_head_dim, generator=g, device=device, dtype=dtype))
+    del kv
+    tokens = torch.randint(0, config.vocab_size, (warm + steps, 1, 1), generator=torch.Generator().manual_seed(1)).to(device)
+    times = [timed(lambda: model(tokens[i], cache=cache, use_cache=True), device) for i in range(warm + steps)]
+    assert cache.get_seq_length() == context + warm + steps
+    return summary(times[warm:])
+
+
+def train_figure(length: int, layers: int) -> dict:
+    """One warm-up-stage step (warmup_train.py): only the indexers train, on the indexer KL."""
+    device, dtype = device_and_dtype()
+    model = build_model("dsa", layers, device, dtype)
+    model.requires_grad_(False)
+    indexer = [p for name, p in model.named_parameters() if ".indexer." in name]
+    for p in indexer:
+        p.requires_grad_(True)
+    dsa.set_mode(model, "warmup")
+    model.train()
+    optimizer = torch.optim.AdamW(indexer, lr=1e-3)
+
+    def step(ids):
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        out.indexer_loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    ids = torch.randint(0, SHAPES["vocab_size"], (1, length), generator=torch.Generator().manual_seed(0)).to(device)
+    step(ids[:, :256])  # warm-up, and the optimizer state
+    with PeakMemory(device) as peak:
+        timing = timed(lambda: step(ids), device)
+    return summary([timing], peak_mib=peak.mib)
+
+
+def worker(spec: dict) -> dict:
+    torch.set_num_threads(spec["threads"])
+    kind = spec["kind"]
+    if kind == "prefill":
+        return prefill_figure(spec["variant"], spec["length"], spec["layers"], spec["runs"])
+    if kind in ("decode", "decode-attention"):
+        return decode_figure(
+            spec["variant"], spec["cache"], spec["length"], spec["layers"], spec["warm"], spec["steps"], kind == "decode-attention"
+        )
+    if kind == "train":
+        return train_figure(spec["length"], spec["layers"])
+    raise ValueError(f"unknown figure kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The suite (parent process): one subprocess per figure
+# ----------------------------------------------------------------------------------------------------------
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (bf16)"
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    return f"CPU {model}, {os.cpu_count()} cores (fp32)"
+
+
+def figures(args) -> list[dict]:
+    specs = []
+    for length in args.prefill:
+        for variant in ("stock", "dsa", "mask"):
+            if variant == "mask" and length > args.mask_max:
+                continue
+            specs.append(dict(kind="prefill", variant=variant, length=length, layers=args.prefill_layers, runs=args.runs))
+    for kind in ("decode", "decode-attention"):
+        if kind == "decode-attention" and not args.attention_only:
+            continue
+        for length in args.decode:
+            for variant, cache in (("stock", "static"), ("stock", "dynamic"), ("dsa", "dsa"), ("mask", "dsa")):
+                specs.append(dict(kind=kind, variant=variant, cache=cache, length=length, layers=args.decode_layers, warm=args.warm, steps=args.steps))
+    if args.train_length:
+        specs.append(dict(kind="train", variant="dsa", length=args.train_length, layers=args.prefill_layers))
+    return [{**spec, "threads": args.threads} for spec in specs]
+
+
+def run_in_subprocess(spec: dict, timeout: int) -> dict:
+    command = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "status": f"timeout after {timeout} s"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**spec, "status": f"failed (exit {done.returncode}): {last[:300]}"}
+    return {**spec, **json.loads(done.stdout.strip().splitlines()[-1]), "status": "ok"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    parser.add_argument("--out", type=Path, default=Path("bench/results/cpu.json"))
+    parser.add_argument("--prefill", type=ints, default=ints("2048,4096,8192,16384,32768"))
+    parser.add_argument("--decode", type=ints, default=ints("4096,8192,16384,32768,65536"))
+    parser.add_argument("--prefill-layers", type=int, default=2)
+    parser.add_argument("--decode-layers", type=int, default=24)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--warm", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--mask-max", type=int, default=8192, help="longest prefill for the mask-based strawman")
+    parser.add_argument("--train-length", type=int, default=8192, help="0: no training-step figure")
+    parser.add_argument("--no-train", dest="train_length", action="store_const", const=0)
+    parser.add_argument("--no-attention-only", dest="attention_only", action="store_false")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per figure (see docs/performance.md)")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per figure")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    report = {
+        "command": " ".join(["uv run python", *sys.argv]),
+        "device": device_name(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "shapes": {**SHAPES, **vars(DSA_SHAPES)},
+        "results": [],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for spec in figures(args):
+        result = run_in_subprocess(spec, args.timeout)
+        report["results"].append(result)
+        shown = f"{result['median_s']:.4f} s (cpu {result['median_cpu_s']:.4f} s)" if result["status"] == "ok" else result["status"]
+        peak = f", peak {result['peak_mib']:.0f} MiB" if "peak_mib" in result else ""
+        print(f"{spec['kind']:16} {spec['variant']:5} {spec.get('cache', ''):7} {spec['length']:6}: {shown}{peak}", flush=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        tmp.replace(args.out)  # atomic: a partial suite leaves a valid file
+
+
+if __name__ == "__main__":
+    main()
