@@ -13,7 +13,6 @@ from accelerate.utils import set_seed
 
 import dsa
 from dsa.data import PackedSFT, resolve_data
-from dsa.errors import UsageError
 from dsa.train_utils import cli, common_parser, load_model, parse_args, run_training
 
 
@@ -29,9 +28,7 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     args = parse_args(parser, "sparse", argv)
     set_seed(args.seed)
     paths = resolve_data(args.data)
-    model, tokenizer, saved_dtype = load_model(args.model)
-    if not isinstance(model, dsa.Qwen2DSAForCausalLM):
-        raise UsageError(f"{args.model} is not a DSA checkpoint ({type(model).__name__}): run warmup_train.py first")
+    model, tokenizer, saved_dtype = load_model(args.model, require=dsa.Qwen2DSAConfig, hint=": run warmup_train.py first")
     dsa.set_mode(model, "sparse")
     if args.topk is not None:  # default: the checkpoint's index_topk
         dsa.set_topk(model, args.topk)

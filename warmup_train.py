@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     paths = resolve_data(args.data)
     dense, tokenizer, saved_dtype = load_model(args.model)
 
-    model = dsa.add_indexers(dense, dsa_config)
+    try:
+        model = dsa.add_indexers(dense, dsa_config)
+    except TypeError as e:  # not a dense Qwen2 checkpoint
+        raise UsageError(f"{args.model}: {e}") from None
     del dense  # add_indexers copied its weights: do not hold a second copy of the base model while training
     model.requires_grad_(False)
     indexer = [p for name, p in model.named_parameters() if ".indexer." in name]

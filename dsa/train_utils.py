@@ -35,7 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
+from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
@@ -133,15 +134,21 @@ def resolve_model(name: str) -> Path:
         ) from None
 
 
-def load_model(name: str) -> tuple[torch.nn.Module, object, torch.dtype]:
-    """(model in fp32 for training, its tokenizer, the dtype the checkpoint was saved in)."""
+def load_model(name: str, require: type | None = None, hint: str = "") -> tuple[torch.nn.Module, object, torch.dtype]:
+    """(model in fp32 for training, its tokenizer, the dtype the checkpoint was saved in).
+
+    require: a config class the checkpoint must have (checked before the weights are read), else a
+    UsageError ending with `hint`."""
     path = resolve_model(name)
     try:
-        saved_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32
+        config = AutoConfig.from_pretrained(path)
+        if require is not None and not isinstance(config, require):
+            raise UsageError(f"{name} is a {config.model_type!r} checkpoint, not {require.model_type!r}{hint}")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+    saved_dtype = config.dtype or torch.float32
     if isinstance(saved_dtype, str):
         saved_dtype = getattr(torch, saved_dtype)
     return model, tokenizer, saved_dtype
@@ -151,11 +158,12 @@ def load_model(name: str) -> tuple[torch.nn.Module, object, torch.dtype]:
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
-    """bf16 autocast on CUDA (and on CPU with --bf16), fp32 elsewhere. The scheduler is stepped by hand,
-    once per optimizer step."""
-    device_type = PartialState().device.type
+    """bf16 autocast on CUDA (and on CPU with --bf16), fp32 elsewhere; CPU also when ACCELERATE_USE_CPU is set
+    (`accelerate launch --cpu`). The scheduler is stepped by hand, once per optimizer step.
+    (No PartialState() before this: it would fix the distributed state before the CPU flag is read.)"""
+    on_cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
     return Accelerator(
-        mixed_precision="bf16" if device_type == "cuda" or getattr(args, "bf16", False) else "no",
+        mixed_precision="bf16" if on_cuda or getattr(args, "bf16", False) else "no",
         gradient_accumulation_steps=args.grad_accum,
         step_scheduler_with_optimizer=False,
     )
