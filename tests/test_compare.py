@@ -99,3 +99,25 @@ def test_bad_flags_are_one_line_errors(checkpoint, tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.splitlines()[-1].startswith("error: ") and named in err.splitlines()[-1] and "Traceback" not in err, err
+
+
+def test_pipeline_chains_each_stage_to_the_previous_output(tmp_path):
+    import pipeline
+
+    def flag(argv, name):
+        return argv[argv.index(name) + 1]
+
+    for preset, first_model in (("tiny", str(tmp_path / "base")), (None, pipeline.REAL_BASE)):
+        plan = pipeline.stages(preset, tmp_path)
+        names = [name for name, _, _ in plan]
+        assert names == (["base"] if preset else []) + ["warmup", "sparse", "dpo", "compare"]
+        trained = [(argv, out) for name, argv, out in plan if name not in ("base", "compare")]
+        assert flag(trained[0][0], "--model") == first_model
+        for (argv, _), (_, previous) in zip(trained[1:], trained):
+            assert flag(argv, "--model") == str(previous)
+        assert all(flag(argv, "--output-dir") == str(out) for argv, out in trained)
+        compare_argv = plan[-1][1]
+        assert compare_argv[0] == "compare.py" and flag(compare_argv, "--model") == str(trained[-1][1])
+        assert flag(compare_argv, "--baseline") == first_model  # the model before DSA
+        assert ("--preset" in compare_argv) == (preset == "tiny")
+        assert ("--skip-conversations" in compare_argv) == (preset is None)  # held-out text past the training data
