@@ -6,9 +6,13 @@ A query at cache index i may attend key s iff s <= i and key s is not padding ("
 
 Two implementations of the same attention: the plain reference (`sparse_attention`: one advanced-indexing
 gather of the selected keys and values, then batched matmuls) and the fast paths the model uses by default
-(`FAST_PATHS`): `sparse_attention_fast` (index_select + embedding_bag, no gathered values) and
-`dense_attention` (SDPA, for queries whose every allowed key is selected). Tests hold them equal.
+(`FAST_PATHS`): `sparse_attention_fast` (index_select + embedding_bag, no gathered values; on a GPU at
+inference the Triton kernel of triton_attention.py) and `dense_attention` (SDPA, for queries whose every
+allowed key is selected). Tests hold them equal.
 """
+
+import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +158,23 @@ def sparse_attention_fast(q, k, v, indices, valid, scaling: float) -> torch.Tens
                 o = F.embedding_bag(bags, v[b, h], mode="sum", per_sample_weights=probs.reshape(C * G, K))
                 out[b, rows, h] = o.view(C, G, D)
     return out.view(B, T, Hq, D)
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def fast_sparse_attention_for(q: torch.Tensor):
+    """The sparse attention the fast path uses for q: on a GPU at inference the Triton kernel
+    (dsa/triton_attention.py, if triton is installed and head_dim is a power of two >= 16), else
+    `sparse_attention_fast`. Both have the contract of `sparse_attention`."""
+    D = q.shape[-1]
+    if q.is_cuda and not torch.is_grad_enabled() and triton_available() and D >= 16 and D & (D - 1) == 0:
+        from .triton_attention import sparse_attention_triton
+
+        return sparse_attention_triton
+    return sparse_attention_fast
 
 
 def dense_attention(q, k, v, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
