@@ -7,9 +7,14 @@ dense base -> warmup_train.py (indexers only) -> train.py (sparse) -> dpo_train.
 A training stage whose output already holds a final model is skipped (--force reruns it); an unfinished one
 continues from its last checkpoint (--resume). compare.py always runs: the final DSA model against the
 dense model it started from (the model before DSA), report in <root>/compare/report.md.
+
+With --preset tiny every stage runs on one CPU thread (OMP_NUM_THREADS, unless set): a model this small
+gains little from more, and on a CPU shared with other work multi-threaded small ops stall on each other
+(measured on a loaded 2-core machine: a tiny sparse training step took 7 s on one thread, 127-213 s on two).
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -56,6 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true", help="rerun finished stages (from scratch)")
     args = p.parse_args(argv)
     root = Path(args.root or (TINY_ROOT if args.preset == "tiny" else "runs")).resolve()
+    env = dict(os.environ)
+    if args.preset == "tiny":
+        env.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # the in-process tiny base stage
 
     times = {}
     for name, script, output in stages(args.preset, root):
@@ -74,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             command = [sys.executable, str(HERE / script[0]), *script[1:]]
             command += ["--resume"] if name != "compare" and not args.force else []
             print(f"== {name}: {' '.join(command[1:])}", flush=True)
-            code = subprocess.run(command).returncode
+            code = subprocess.run(command, env=env).returncode
             if code != 0:
                 raise UsageError(f"stage {name} failed (exit status {code}): {' '.join(command[1:])}")
         times[name] = time.time() - start

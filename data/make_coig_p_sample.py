@@ -94,7 +94,7 @@ def fact_pairs(rng: random.Random):
             rejected = [text[other][1], rng.choice(REFUSALS[lang]), degenerate(answer, lang)]
             for bad in rejected:
                 shape = rng.random()
-                filler = FILLER[lang] * rng.randint(2, 5) + "\n" if shape > 0.65 else ""
+                filler = FILLER[lang] * rng.randint(1, 3) + "\n" if shape > 0.65 else ""
                 turns = [{"from": "human", "value": filler + question}]
                 if shape < 0.15:
                     turns = [{"from": "system", "value": SYSTEM[lang]}] + turns
@@ -109,7 +109,7 @@ def recall_pairs(rng: random.Random, per_language: int = 24):
         statement, question, answer = RECALL[lang]
         for _ in range(per_language):
             name, other = rng.sample(NAMES[lang], 2)
-            prompt = statement.format(name) + FILLER[lang] * rng.randint(2, 5) + "\n" + question
+            prompt = statement.format(name) + FILLER[lang] * rng.randint(1, 3) + "\n" + question
             yield pair([{"from": "human", "value": prompt}], answer.format(name), answer.format(other))
 
 

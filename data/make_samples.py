@@ -179,7 +179,17 @@ def passkey_zh(rng: random.Random):
     return "在大量无关的文字中藏着重要信息。找到并记住它。", text, f"密码是{key}。", []
 
 
-KINDS = {"en": [facts_en, boxes_en, passkey_en], "zh": [facts_zh, boxes_zh, passkey_zh]}
+def copy_en(rng: random.Random):
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(6, 30)))
+    return "", f"Repeat this number exactly: {digits}", digits, []
+
+
+def copy_zh(rng: random.Random):
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(6, 30)))
+    return "", f"请准确重复这个数字：{digits}", digits, []
+
+
+KINDS = {"en": [facts_en, boxes_en, passkey_en, copy_en], "zh": [facts_zh, boxes_zh, passkey_zh, copy_zh]}
 
 
 def record(rng: random.Random, language: str, index: int) -> dict:
@@ -207,12 +217,12 @@ def write(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def main(n_train: int = 1200, n_heldout: int = 100) -> None:
+def main(out: Path = OUT, n_train: int = 1200, n_heldout: int = 100) -> None:
     for language, seed in (("en", 1), ("zh", 2)):
         rng = random.Random(seed)
-        write(OUT / f"sft_sample_{language}.jsonl", [record(rng, language, i) for i in range(n_train)])
+        write(out / f"sft_sample_{language}.jsonl", [record(rng, language, i) for i in range(n_train)])
     rng = random.Random(3)
-    write(OUT / "sft_heldout.jsonl", [record(rng, ("en", "zh")[i % 2], i) for i in range(n_heldout)])
+    write(out / "sft_heldout.jsonl", [record(rng, ("en", "zh")[i % 2], i) for i in range(n_heldout)])
 
 
 if __name__ == "__main__":

@@ -95,9 +95,8 @@ def greedy(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> str:
     """Greedy continuation of prompt_ids (generate(), the model's own cache), decoded without the prompt."""
     ids = torch.tensor([prompt_ids], device=model_device(model))
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or eos
-    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
@@ -393,7 +392,7 @@ def device_description(device: torch.device) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU: {cpu}, {torch.get_num_threads()} torch threads"
+    return f"CPU: {cpu}, torch threads: {torch.get_num_threads()}"
 
 
 # ---------------------------------------------------------------------------------------------------

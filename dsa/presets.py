@@ -35,7 +35,7 @@ PRESETS = {
         "sparse": dict(TINY_COMMON, model=str(TINY_ROOT / "warmup"), output_dir=str(TINY_ROOT / "sparse"),
                        max_steps=60, lr=1e-4, indexer_lr=1e-3, topk=64),
         "dpo": dict(TINY_COMMON, model=None, data=str(DATA_DIR / "coig_p_sample.jsonl"), output_dir=str(TINY_ROOT / "dpo"),
-                    max_steps=40, lr=1e-4, indexer_lr=1e-3, max_length=256, seq_len=None, batch_size=8, save_every=20),
+                    max_steps=30, lr=1e-4, indexer_lr=1e-3, max_length=256, seq_len=None, batch_size=8, save_every=10),
     },
 }
 

@@ -249,36 +249,25 @@ def test_reference_frozen_and_indexer_flag(tokenizer, train_indexer):
     assert any(".indexer." in k for k in changed) == train_indexer
 
 
-def test_dpo_learns_preferences_on_bundled_samples(tokenizer):
-    """A few dozen DPO steps on most of the bundled pairs: the held-out pairs' reward accuracy rises
-    from 0 (policy == reference) and the policy ranks their chosen reply above the rejected one more often."""
-    pairs = sample_pairs(tokenizer, None)
-    train, held_out = pairs[:-48], collate(pairs[-48:], tokenizer.pad_token_id)
+def test_dpo_steps_move_rewards_the_right_way(tokenizer):
+    """A few DPO steps on 16 bundled pairs: their reward accuracy goes from 0 (policy == reference) to
+    nearly 1 and the loss far below log 2 (a sign or pairing error drives it the other way). Learning on
+    fresh pairs is checked on the tiny preset below."""
+    batch = collate(sample_pairs(tokenizer, 16), tokenizer.pad_token_id)
     model = tiny_qwen2(len(tokenizer))
     loss_fn = DPOLoss(copy.deepcopy(model), beta=0.1)
-
-    def evaluate():
-        model.eval()
-        with torch.no_grad():
-            _, metrics = loss_fn(model, held_out)
-            logps = {
-                side: sequence_logps(model(input_ids=held_out[f"{side}_input_ids"]).logits, held_out[f"{side}_labels"])
-                for side in ("chosen", "rejected")
-            }  # right padding: the labelled tokens never see the padding, so no mask is needed
-        return metrics["reward_accuracy"], (logps["chosen"] > logps["rejected"]).float().mean().item()
-
-    accuracy_before, ranking_before = evaluate()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
-    model.train()
-    for step in range(30):
-        loss, _ = loss_fn(model, collate([train[i] for i in order[4 * step : 4 * step + 4]], tokenizer.pad_token_id))
+    history = []
+    for step in range(15):
+        loss, metrics = loss_fn(model.train(), batch)
         loss.backward()
         opt.step()
         opt.zero_grad()
-    accuracy_after, ranking_after = evaluate()
-    assert accuracy_before == 0.0 and accuracy_after >= 0.75
-    assert ranking_after > ranking_before
+        history.append(metrics)
+    with torch.no_grad():
+        _, final = loss_fn(model.eval(), batch)
+    assert history[0]["reward_accuracy"] == 0.0 and history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert final["reward_accuracy"] >= 0.9 and final["loss"] < 0.3 and final["reward_margin"] > 1.0
 
 
 def test_pair_stream_is_deterministic_per_seed(tokenizer):
@@ -326,17 +315,26 @@ def metrics(path: Path) -> list[dict]:
 
 
 def test_dpo_train_tiny_preset_raises_reward_accuracy(base, tmp_path):
+    """30 steps of the tiny preset: the saved policy, against the reference (the base), gives the chosen
+    reply the higher reward on most bundled pairs (0 before training: policy == reference; 0.5 by chance)."""
     import dpo_train
+    from dsa.train_utils import load_model
 
     dpo_train.main(["--preset", "tiny", "--model", str(base), "--output-dir", str(tmp_path), "--max-steps", "30", "--save-every", "0"])
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 31))
     assert {"loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "lr"} <= set(rows[0])
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and rows[0]["reward_margin"] == pytest.approx(0, abs=1e-6)
-    first = sum(r["reward_accuracy"] for r in rows[:10]) / 10  # 8 pairs per step: one step's accuracy is noisy
-    last = sum(r["reward_accuracy"] for r in rows[-10:]) / 10
-    assert last >= 0.7 and last >= first + 0.2, (first, last)
-    assert sum(r["reward_margin"] for r in rows[-10:]) / 10 > 0.1
+
+    policy, tokenizer, _ = load_model(str(tmp_path))
+    reference, _, _ = load_model(str(base))
+    pairs = list(PreferencePairs(str(SAMPLES), tokenizer, 256).pairs())
+    loss_fn = DPOLoss(reference)
+    with torch.no_grad():
+        before = loss_fn(reference, collate(pairs, tokenizer.pad_token_id))[1]
+        after = loss_fn(policy.eval(), collate(pairs, tokenizer.pad_token_id))[1]
+    assert before["reward_accuracy"] == 0.0 and before["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert after["reward_accuracy"] >= 0.7 and after["reward_margin"] > 0.2, after
 
 
 @pytest.mark.parametrize("freeze", [False, True])
