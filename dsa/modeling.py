@@ -247,6 +247,7 @@ def add_indexers(model: Qwen2ForCausalLM, dsa_config: DSAConfig) -> Qwen2DSAForC
     missing, unexpected = dsa_model.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(".indexer." not in name for name in missing):
         raise RuntimeError(f"weights did not map onto the DSA model: missing {missing}, unexpected {unexpected}")
+    dsa_model.tie_weights()  # the load above copied lm_head into its own tensor: tie it back (tied configs)
     for layer in dsa_model.model.layers:
         layer.self_attn.indexer.apply(dsa_model._init_weights)  # normal(0, initializer_range); LayerNorm 1, 0
     dsa_model.generation_config = model.generation_config

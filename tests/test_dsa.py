@@ -415,3 +415,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode):
     assert plain.keys() == checkpointed.keys() and any(".indexer." in n for n in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_add_indexers_keeps_tied_embeddings_tied():
+    _, model = tiny_dsa()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
