@@ -360,7 +360,7 @@ def test_dpo_train_dsa_indexer_learns_or_stays_frozen(dsa_base, tmp_path, freeze
     [
         (["--data", "missing/pairs.jsonl"], "data file not found: missing/pairs.jsonl"),
         (["--data", "pairs.csv"], "data file not found or not .jsonl / .parquet: pairs.csv"),
-        (["--model", "runs/no-such-model"], "model not found: runs/no-such-model"),
+        (["--model", "./runs/no-such-model"], "model not found: ./runs/no-such-model"),
         (["--beta", "0"], "--beta must be > 0, got 0.0"),
         (["--max-length", "1"], "--max-length must be >= 2, got 1"),
         (["--seq-len", "64"], "use --max-length instead of --seq-len"),
