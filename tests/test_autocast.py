@@ -6,28 +6,14 @@ the fp32 value (masking with the fp32 "minus infinity" in bf16 used to overflow)
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import dsa
-
-
-def tiny_dsa(topk: int) -> dsa.Qwen2DSAForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )
-    return dsa.add_indexers(Qwen2ForCausalLM(config), dsa.DSAConfig(index_n_heads=2, index_head_dim=16, index_rope_dim=8, index_topk=topk))
+from tiny_models import tiny_dsa, tiny_qwen2
 
 
 @pytest.mark.parametrize("mode", ["warmup", "sparse"])
 def test_indexer_loss_under_bf16_autocast(mode):
-    model = dsa.set_mode(tiny_dsa(topk=8), mode).train()
+    model = dsa.set_mode(tiny_dsa(tiny_qwen2(), topk=8), mode).train()
     x = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(0))
     fp32 = model(x, use_cache=False).indexer_loss
     with torch.autocast("cpu", dtype=torch.bfloat16):

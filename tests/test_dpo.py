@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast
 
 import dsa
 from dsa.errors import UsageError
+from tiny_models import tiny_dsa, tiny_qwen2
 from dsa.dpo import IGNORE, DPOLoss, PreferencePairs, collate, dpo_loss, parse_row, read_rows, sequence_logps, tokenize_pair
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "coig_p_sample.jsonl"
@@ -36,22 +37,6 @@ def tokenizer():
     )
     tokenizer.chat_template = CHATML
     return tokenizer
-
-
-def tiny_qwen2(vocab_size: int, seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-    )
-    return Qwen2ForCausalLM(config)
-
-
-def tiny_dsa(vocab_size: int, topk: int = 4) -> dsa.Qwen2DSAForCausalLM:
-    torch.manual_seed(1)
-    return dsa.add_indexers(
-        tiny_qwen2(vocab_size), dsa.DSAConfig(index_n_heads=2, index_head_dim=16, index_rope_dim=8, index_topk=topk)
-    )
 
 
 def sample_pairs(tokenizer, n: int | None, max_length: int = 256) -> list[dict]:
@@ -106,7 +91,7 @@ def test_sequence_logps_sums_labelled_tokens():
 
 @pytest.mark.parametrize("kind", ["dense", "dsa"])
 def test_policy_equal_to_reference_gives_log2_and_zero_rewards(tokenizer, kind):
-    model = tiny_qwen2(len(tokenizer)) if kind == "dense" else tiny_dsa(len(tokenizer))
+    model = tiny_qwen2(len(tokenizer)) if kind == "dense" else tiny_dsa(tiny_qwen2(len(tokenizer)), topk=4)
     batch = collate(sample_pairs(tokenizer, 4), tokenizer.pad_token_id)
     loss, metrics = DPOLoss(copy.deepcopy(model), beta=0.1, train_indexer=False)(model.train(), batch)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
@@ -226,7 +211,7 @@ def test_missing_source_fails_early_naming_it(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("train_indexer", [True, False])
 def test_reference_frozen_and_indexer_flag(tokenizer, train_indexer):
-    model = tiny_dsa(len(tokenizer)).train()
+    model = tiny_dsa(tiny_qwen2(len(tokenizer)), topk=4).train()
     ref = copy.deepcopy(model)
     ref_before = {k: v.clone() for k, v in ref.state_dict().items()}
     model_before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -9,47 +9,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import dsa
 import dsa.attention
 from dsa.indexer import LightningIndexer
 from dsa.losses import kl_rows
+from tiny_models import tiny_dsa, tiny_qwen2
 
 VOCAB = 128
 
 
-def tiny_qwen2(seed: int = 0, layers: int = 2) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=True,
-    )
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():  # peaked attention instead of near-uniform
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-    return model
-
-
-def tiny_dsa(topk: int = 5, seed: int = 0, layers: int = 2):
-    base = tiny_qwen2(seed, layers)
-    torch.manual_seed(seed + 1)
-    model = dsa.add_indexers(base, dsa.DSAConfig(index_n_heads=2, index_head_dim=16, index_rope_dim=8, index_topk=topk))
-    with torch.no_grad():  # spread the index scores so that top-k has no near-ties
-        for layer in model.model.layers:
-            layer.self_attn.indexer.wq.weight.mul_(8.0)
-            layer.self_attn.indexer.wk.weight.mul_(8.0)
-            layer.self_attn.indexer.weights_proj.weight.mul_(8.0)
-    return base, model.eval()
+def dense_and_dsa(topk: int = 5, seed: int = 0, layers: int = 2):
+    """(dense base, DSA model built from it): peaked attention, spread index scores (no near-ties in top-k)."""
+    base = tiny_qwen2(VOCAB, layers=layers, seed=seed, sharpen=4.0)
+    return base, tiny_dsa(base, topk, seed=seed + 1, spread=8.0, spread_weights=8.0).eval()
 
 
 def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -121,7 +95,7 @@ def naive_layer(attn, x: torch.Tensor, topk: int | None):
 
 @pytest.mark.parametrize("mode,topk", [("sparse", 4), ("sparse", 64), ("warmup", 4)])
 def test_layer_matches_naive_formulas(mode, topk):
-    _, model = tiny_dsa(topk=topk)
+    _, model = dense_and_dsa(topk=topk)
     attn = model.model.layers[0].self_attn
     T = 12
     x = torch.randn(1, T, 64, generator=torch.Generator().manual_seed(3))
@@ -137,7 +111,7 @@ def test_layer_matches_naive_formulas(mode, topk):
 
 
 def test_topk_at_least_length_equals_stock_qwen2_and_smaller_topk_differs():
-    base, model = tiny_dsa(topk=32)
+    base, model = dense_and_dsa(topk=32)
     x = tokens(2, 32)
     with torch.no_grad():
         stock = base(x).logits
@@ -149,7 +123,7 @@ def test_topk_at_least_length_equals_stock_qwen2_and_smaller_topk_differs():
 
 
 def test_add_indexers_keeps_base_weights_and_adds_one_indexer_per_layer():
-    base, model = tiny_dsa()
+    base, model = dense_and_dsa()
     base_state = base.state_dict()
     for name, tensor in model.state_dict().items():
         if ".indexer." in name:
@@ -166,7 +140,7 @@ def test_add_indexers_keeps_base_weights_and_adds_one_indexer_per_layer():
 
 
 def test_sparse_is_causal():
-    _, model = tiny_dsa(topk=4)
+    _, model = dense_and_dsa(topk=4)
     x = tokens(1, 24)
     y = x.clone()
     y[0, 15] = (y[0, 15] + 1) % VOCAB
@@ -177,7 +151,7 @@ def test_sparse_is_causal():
 
 
 def test_query_chunking_does_not_change_results(monkeypatch):
-    _, model = tiny_dsa(topk=4)
+    _, model = dense_and_dsa(topk=4)
     model.train()
     x = tokens(2, 24)
     out = model(x, labels=x, use_cache=False)
@@ -188,7 +162,7 @@ def test_query_chunking_does_not_change_results(monkeypatch):
 
 
 def test_cached_decode_equals_full_forward():
-    _, model = tiny_dsa(topk=4)
+    _, model = dense_and_dsa(topk=4)
     x = tokens(2, 20)
     with torch.no_grad():
         full = model(x, use_cache=False).logits
@@ -203,7 +177,7 @@ def test_cached_decode_equals_full_forward():
 
 
 def test_generate_equals_greedy_recomputation_without_cache():
-    _, model = tiny_dsa(topk=4)
+    _, model = dense_and_dsa(topk=4)
     prompt = tokens(1, 12, seed=5)
     generated = model.generate(prompt, max_new_tokens=10, do_sample=False)
     seq = prompt
@@ -215,7 +189,7 @@ def test_generate_equals_greedy_recomputation_without_cache():
 
 
 def test_left_padding_gives_each_row_what_it_gets_alone():
-    _, model = tiny_dsa(topk=4)
+    _, model = dense_and_dsa(topk=4)
     long, short = tokens(1, 16, seed=1), tokens(1, 10, seed=2)
     pad = torch.zeros(1, 6, dtype=torch.long)
     batch = torch.cat([long, torch.cat([pad, short], dim=1)])
@@ -237,7 +211,7 @@ def test_left_padding_gives_each_row_what_it_gets_alone():
 
 
 def test_padded_training_loss_is_finite_and_ignores_padding():
-    _, model = tiny_dsa(topk=4)
+    _, model = dense_and_dsa(topk=4)
     model.train()
     x = tokens(2, 16)
     mask = torch.ones_like(x)
@@ -259,7 +233,7 @@ def test_padded_training_loss_is_finite_and_ignores_padding():
 
 @pytest.mark.parametrize("mode", ["warmup", "sparse"])
 def test_lm_loss_never_reaches_indexer_and_indexer_loss_never_reaches_base(mode):
-    _, model = tiny_dsa(topk=4)
+    _, model = dense_and_dsa(topk=4)
     model.train()
     dsa.set_mode(model, mode)
     x = tokens(2, 16)
@@ -283,7 +257,7 @@ def test_lm_loss_never_reaches_indexer_and_indexer_loss_never_reaches_base(mode)
 
 
 def test_indexer_loss_only_in_training_and_not_in_dense_mode():
-    _, model = tiny_dsa(topk=4)
+    _, model = dense_and_dsa(topk=4)
     x = tokens(1, 12)
     assert model(x).indexer_loss is None  # eval
     model.train()
@@ -294,7 +268,7 @@ def test_indexer_loss_only_in_training_and_not_in_dense_mode():
 
 
 def test_warmup_mode_attention_is_dense():
-    base, model = tiny_dsa(topk=4)
+    base, model = dense_and_dsa(topk=4)
     x = tokens(2, 20)
     dsa.set_mode(model, "warmup")
     model.train()  # warm-up in training: dense outputs plus the indexer loss
@@ -316,7 +290,7 @@ def test_kl_is_zero_when_the_indexer_distribution_equals_the_target():
 
 
 def test_save_and_reload_roundtrip(tmp_path):
-    _, model = tiny_dsa(topk=4)
+    _, model = dense_and_dsa(topk=4)
     dsa.set_mode(model, "dense")
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -354,7 +328,7 @@ def test_bad_model_and_mode_raise_clear_errors():
     )
     with pytest.raises(TypeError, match="Qwen2ForCausalLM"):
         dsa.add_indexers(llama, dsa.DSAConfig())
-    _, model = tiny_dsa()
+    _, model = dense_and_dsa()
     with pytest.raises(ValueError, match="'fast'"):
         dsa.set_mode(model, "fast")
     with pytest.raises(ValueError, match="topk"):
@@ -386,7 +360,7 @@ def test_rows_with_fewer_allowed_keys_than_k_never_attend_masked_keys():
 
 def test_bf16_model_dense_mode_is_bitwise_the_stock_model(tmp_path):
     # a cast of the whole DSA model to bf16 would also cast the RoPE inv_freq buffer and shift every angle
-    tiny_qwen2().save_pretrained(tmp_path)
+    tiny_qwen2(VOCAB, sharpen=4.0).save_pretrained(tmp_path)
     base = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     model = dsa.add_indexers(base, dsa.DSAConfig(index_n_heads=2, index_head_dim=16, index_rope_dim=8)).eval()
     dsa.set_mode(model, "dense")
@@ -401,7 +375,7 @@ def test_bf16_model_dense_mode_is_bitwise_the_stock_model(tmp_path):
 @pytest.mark.parametrize("mode", ["warmup", "sparse"])
 def test_gradient_checkpointing_gives_the_same_gradients(mode):
     def grads(checkpointing: bool):
-        _, model = tiny_dsa(topk=4)
+        _, model = dense_and_dsa(topk=4)
         model.train()
         dsa.set_mode(model, mode)
         if checkpointing:
@@ -418,5 +392,5 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode):
 
 
 def test_add_indexers_keeps_tied_embeddings_tied():
-    _, model = tiny_dsa()
+    _, model = dense_and_dsa()
     assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import dsa
 from dsa.attention import break_zero_ties
@@ -20,39 +19,9 @@ from dsa.evaluation import (
 from dsa.indexer import index_scores
 from dsa.presets import DATA_DIR
 from dsa.tiny import build_tokenizer
+from tiny_models import tiny_dsa, tiny_qwen2
 
 VOCAB = 96
-
-
-def tiny_qwen2(seed: int = 0, attn_implementation: str = "sdpa") -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        attn_implementation=attn_implementation,
-    )
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():  # peaked attention instead of near-uniform
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-    return model
-
-
-def tiny_dsa(base: Qwen2ForCausalLM, topk: int):
-    torch.manual_seed(1)
-    model = dsa.add_indexers(base, dsa.DSAConfig(index_n_heads=2, index_head_dim=16, index_rope_dim=8, index_topk=topk))
-    with torch.no_grad():  # spread the index scores
-        for layer in model.model.layers:
-            layer.self_attn.indexer.wq.weight.mul_(8.0)
-            layer.self_attn.indexer.wk.weight.mul_(8.0)
-    return model.eval()
 
 
 def causal_rows(T: int, seed: int = 0) -> torch.Tensor:
@@ -102,8 +71,8 @@ def test_indexer_recall_matches_eager_attention_weights():
     """The hook-based recall (q/k recomputed from the layer input) against the attention weights that an eager
     dense model returns, and the indexer scores of the hidden states it returns."""
     torch.manual_seed(0)
-    base = tiny_qwen2(attn_implementation="eager")
-    model = tiny_dsa(base, topk=4)
+    base = tiny_qwen2(VOCAB, sharpen=4.0, attn_implementation="eager")
+    model = tiny_dsa(base, topk=4, spread=8.0)
     ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
     topks = [3, 6]
     recall = indexer_recall(model, ids, topks)
@@ -130,7 +99,7 @@ def test_indexer_recall_matches_eager_attention_weights():
 
 
 def test_indexer_recall_is_undefined_when_k_covers_the_window():
-    model = tiny_dsa(tiny_qwen2(), topk=4)
+    model = tiny_dsa(tiny_qwen2(VOCAB, sharpen=4.0), topk=4, spread=8.0)
     recall = indexer_recall(model, torch.randint(0, VOCAB, (1, 8)), [8, 16])
     assert recall[8]["rows"] == 0 and recall[8]["indexer"] == [None, None]
 
@@ -141,7 +110,7 @@ def test_indexer_recall_is_undefined_when_k_covers_the_window():
 
 
 def test_decode_path_perplexity_equals_prefill():
-    model = tiny_dsa(tiny_qwen2(), topk=5)
+    model = tiny_dsa(tiny_qwen2(VOCAB, sharpen=4.0), topk=5, spread=8.0)
     ids = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(1))
     sparse_prefill = prefill_nll(model, ids)
     assert sparse_prefill.shape == (23,)
@@ -156,7 +125,7 @@ def test_decode_path_perplexity_equals_prefill():
 
 
 def test_prefill_nll_is_the_model_loss():
-    model = tiny_dsa(tiny_qwen2(), topk=5)
+    model = tiny_dsa(tiny_qwen2(VOCAB, sharpen=4.0), topk=5, spread=8.0)
     ids = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         loss = model(ids[None], labels=ids[None], use_cache=False).loss

@@ -8,7 +8,6 @@ transformers' `DynamicIndexedLayer` (torch.cat).
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicIndexedLayer
 
 import dsa
@@ -16,31 +15,14 @@ import dsa.attention
 import dsa.cache
 from dsa.attention import allowed_keys, dense_attention, select_topk, sparse_attention, sparse_attention_fast
 from dsa.cache import GrowingIndexedLayer
+from tiny_models import tiny_dsa, tiny_qwen2
 
 VOCAB = 96
 
 
-def tiny_dsa(topk: int) -> dsa.Qwen2DSAForCausalLM:
+def gqa_dsa(topk: int) -> dsa.Qwen2DSAForCausalLM:
     """A 2-layer DSA model with GQA (6 query heads on 2 KV heads), peaked attention and spread index scores."""
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )
-    model = dsa.add_indexers(
-        Qwen2ForCausalLM(config), dsa.DSAConfig(index_n_heads=2, index_head_dim=16, index_rope_dim=8, index_topk=topk)
-    )
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.indexer.wq, layer.self_attn.indexer.wk):
-                proj.weight.mul_(4.0)
-    return model.eval()
+    return tiny_dsa(tiny_qwen2(VOCAB, hidden_size=48, heads=6, sharpen=4.0), topk, spread=4.0)
 
 
 def random_selection(B=2, Hq=6, Hkv=2, T=7, S=20, K=5, D=8, seed=0):
@@ -99,7 +81,7 @@ def run_model(model, fast: bool, monkeypatch, **inputs):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("topk", [6, 40])  # 40 >= length: every chunk takes the dense shortcut
 def test_model_fast_paths_equal_reference(mode, topk, monkeypatch):
-    model = tiny_dsa(topk)
+    model = gqa_dsa(topk)
     model.train(mode == "train")
     x = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(x)
@@ -123,7 +105,7 @@ def test_model_fast_paths_equal_reference(mode, topk, monkeypatch):
 
 
 def test_fast_decode_equals_reference_full_forward(monkeypatch):
-    model = tiny_dsa(topk=6)
+    model = gqa_dsa(topk=6)
     x = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         monkeypatch.setattr(dsa.attention, "FAST_PATHS", False)
@@ -186,7 +168,7 @@ def test_growing_cache_appends_in_place_and_grows_geometrically(monkeypatch):
 def test_bench_strawman_is_the_same_attention_as_the_model():
     from bench.strawman import use_masked_attention
 
-    model = tiny_dsa(topk=6)
+    model = gqa_dsa(topk=6)
     x = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         fast = model(x).logits
