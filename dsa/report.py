@@ -223,6 +223,18 @@ def side_name(side: str) -> str:
     return side if side == "dense" else f"DSA k={side}"
 
 
+def passkey_caveat(pk: dict) -> list[str]:
+    """A warning paragraph when the dense model fails every trial: then the grid says nothing about DSA."""
+    if passkey_mean(pk["dense"]) > 0:
+        return []
+    return [
+        "**The dense model fails every trial: this model cannot retrieve the pass key at all, so the DSA grids "
+        "below say nothing about sparse attention.** (A model too small or too briefly trained to copy a 5-digit "
+        "number, such as the tiny preset's, fails this way.)",
+        "",
+    ]
+
+
 def passkey_section(r: dict, plot: str) -> str:
     pk = r["passkey"]
     samples = "\n".join(
@@ -239,6 +251,7 @@ def passkey_section(r: dict, plot: str) -> str:
             "decoded greedily; a trial counts if the first number in the answer is N (exact match). "
             f"{pk['trials']} trial(s) per cell, the same prompts for every side.",
             "",
+            *passkey_caveat(pk),
             f"![passkey]({plot})",
             "",
             "Example answers:",

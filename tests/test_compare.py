@@ -75,6 +75,8 @@ def test_report_end_to_end(checkpoint, tmp_path):
     report = (out / "report.md").read_text()
     assert report.index("## Summary") < report.index("## 1. Perplexity")
     assert "DSA k=16" in report and r["meta"]["device"] in report
+    dense_fails_all = all(a == 0 for row in pk["dense"] for a in row)
+    assert ("The dense model fails every trial" in report) == dense_fails_all  # the grids are flagged as meaningless
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(images) == 4 and all((out / name).stat().st_size > 1000 for name in images)
 
@@ -121,3 +123,10 @@ def test_pipeline_chains_each_stage_to_the_previous_output(tmp_path):
         assert flag(compare_argv, "--baseline") == first_model  # the model before DSA
         assert ("--preset" in compare_argv) == (preset == "tiny")
         assert ("--skip-conversations" in compare_argv) == (preset is None)  # held-out text past the training data
+
+
+def test_passkey_caveat_only_when_dense_fails_every_trial():
+    from dsa.report import passkey_caveat
+
+    assert passkey_caveat({"dense": [[0.0, 0.0], [0.0, 0.0]]})
+    assert passkey_caveat({"dense": [[0.0, 0.0], [0.0, 1.0]]}) == []
