@@ -70,6 +70,8 @@ def main():
     args = parser.parse_args()
 
     topks = [int(k) for k in args.topk.split(",")]
+    if args.plot and int(args.plot_topk) not in topks:
+        parser.error(f"--plot-topk {args.plot_topk} is not among --topk {args.topk}")
     data = resolve_data(args.data)
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.exists() else {}  # stages measured before are kept
