@@ -13,6 +13,8 @@ embeddings; DSA indexer 4 heads x 64, RoPE on 32 features, k = 512. No grad unle
             memory: the first run's resident-set high-water mark above the resident set just before
             it (CPU: /proc/self/status VmHWM after resetting it with /proc/self/clear_refs; GPU:
             torch.cuda.max_memory_allocated above the allocated memory before it).
+            "prefill-attention" is the same with the MLP and vocabulary shrunk to almost nothing
+            (intermediate 64, vocab 1024): what the attention blocks cost, without the MLP floor.
   decode    per-token latency of model(next_token, cache=...) at context S, with --decode-layers
             layers (default 24, the whole model). The cache is filled with S random tokens (a real
             prefill at 64K would take hours here; values do not change the cost); then --warm steps,
@@ -59,6 +61,7 @@ SHAPES = dict(
     tie_word_embeddings=True,
 )
 ATTENTION_ONLY = dict(intermediate_size=64, vocab_size=1024)  # "decode-attention": MLP and vocabulary ~ nothing
+KINDS = ("prefill", "prefill-attention", "decode", "decode-attention", "train")
 DSA_SHAPES = dsa.DSAConfig(index_n_heads=4, index_head_dim=64, index_rope_dim=32, index_topk=512)
 
 
@@ -136,10 +139,10 @@ def summary(timings: list[tuple[float, float]], **extra) -> dict:
 
 
 @torch.no_grad()
-def prefill_figure(variant: str, length: int, layers: int, runs: int) -> dict:
+def prefill_figure(variant: str, length: int, layers: int, runs: int, attention_only: bool) -> dict:
     device, dtype = device_and_dtype()
-    model = build_model(variant, layers, device, dtype)
-    ids = torch.randint(0, SHAPES["vocab_size"], (1, length), generator=torch.Generator().manual_seed(0)).to(device)
+    model = build_model(variant, layers, device, dtype, **(ATTENTION_ONLY if attention_only else {}))
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
     model(ids[:, :256], use_cache=True, logits_to_keep=1)  # warm-up
     times, peaks = [], []
     for _ in range(runs):
@@ -205,8 +208,8 @@ def train_figure(length: int, layers: int) -> dict:
 def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     kind = spec["kind"]
-    if kind == "prefill":
-        return prefill_figure(spec["variant"], spec["length"], spec["layers"], spec["runs"])
+    if kind in ("prefill", "prefill-attention"):
+        return prefill_figure(spec["variant"], spec["length"], spec["layers"], spec["runs"], kind == "prefill-attention")
     if kind in ("decode", "decode-attention"):
         return decode_figure(
             spec["variant"], spec["cache"], spec["length"], spec["layers"], spec["warm"], spec["steps"], kind == "decode-attention"
@@ -230,11 +233,14 @@ def device_name() -> str:
 
 def figures(args) -> list[dict]:
     specs = []
-    for length in args.prefill:
-        for variant in ("stock", "dsa", "mask"):
-            if variant == "mask" and length > args.mask_max:
-                continue
-            specs.append(dict(kind="prefill", variant=variant, length=length, layers=args.prefill_layers, runs=args.runs))
+    for kind in ("prefill", "prefill-attention"):
+        if kind == "prefill-attention" and not args.attention_only:
+            continue
+        for length in args.prefill:
+            for variant in ("stock", "dsa", "mask"):
+                if variant == "mask" and length > args.mask_max:
+                    continue
+                specs.append(dict(kind=kind, variant=variant, length=length, layers=args.prefill_layers, runs=args.runs))
     for kind in ("decode", "decode-attention"):
         if kind == "decode-attention" and not args.attention_only:
             continue
@@ -243,7 +249,7 @@ def figures(args) -> list[dict]:
                 specs.append(dict(kind=kind, variant=variant, cache=cache, length=length, layers=args.decode_layers, warm=args.warm, steps=args.steps))
     if args.train_length:
         specs.append(dict(kind="train", variant="dsa", length=args.train_length, layers=args.prefill_layers))
-    return [{**spec, "threads": args.threads} for spec in specs]
+    return [{**spec, "threads": args.threads} for spec in specs if args.kinds is None or spec["kind"] in args.kinds]
 
 
 def run_in_subprocess(spec: dict, timeout: int) -> dict:
@@ -273,10 +279,13 @@ def main() -> None:
     parser.add_argument("--train-length", type=int, default=8192, help="0: no training-step figure")
     parser.add_argument("--no-train", dest="train_length", action="store_const", const=0)
     parser.add_argument("--no-attention-only", dest="attention_only", action="store_false")
+    parser.add_argument("--kinds", type=lambda text: text.split(","), help=f"only these figure kinds, comma-separated: {','.join(KINDS)}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per figure (see docs/performance.md)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per figure")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.kinds and not set(args.kinds) <= set(KINDS):
+        parser.error(f"--kinds: unknown kind(s) {sorted(set(args.kinds) - set(KINDS))}; choose from {','.join(KINDS)}")
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
@@ -286,6 +295,7 @@ def main() -> None:
         "device": device_name(),
         "threads": args.threads,
         "torch": torch.__version__,
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "shapes": {**SHAPES, **vars(DSA_SHAPES)},
         "results": [],

@@ -1,8 +1,9 @@
 """Tables (markdown, on stdout) and a plot (PNG) of bench/dsa_bench.py results.
 
-    uv run python bench/plot.py bench/results/cpu.json bench/results/cpu_64k.json --png docs/performance.png
+    uv run python bench/plot.py bench/results/cpu*.json --png docs/performance.png
 
-Ratios are DSA (or the mask-based strawman) over stock Qwen2 at the same length, from the same suite.
+Ratios are DSA (or the mask-based strawman) over stock Qwen2 at the same length and thread count, from
+the same suite. Tables are printed per torch thread count; the plot shows the figures of --plot-threads.
 """
 
 import argparse
@@ -28,7 +29,7 @@ COLORS = {"stock": "tab:blue", "dsa": "tab:orange", "mask": "tab:green"}
 
 def load(paths: list[Path]) -> tuple[list[dict], list[dict]]:
     reports = [json.loads(p.read_text()) for p in paths]
-    return reports, [r for report in reports for r in report["results"]]
+    return reports, [{**r, "suite": report["command"]} for report in reports for r in report["results"]]
 
 
 def figure(results, kind, variant, length, cache=None) -> dict | None:
@@ -46,13 +47,13 @@ def k(n: int) -> str:
     return f"{n // 1024}K"
 
 
-def prefill_table(results) -> str:
+def prefill_table(results, kind) -> str:
     rows = [
         "| L | stock s (cpu s) | DSA s (cpu s) | mask s (cpu s) | DSA/stock cpu (wall) | stock MiB | DSA MiB | mask MiB | DSA/stock mem | mask/DSA mem |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for n in lengths(results, "prefill"):
-        s, d, m = (figure(results, "prefill", v, n) for v in ("stock", "dsa", "mask"))
+    for n in lengths(results, kind):
+        s, d, m = (figure(results, kind, v, n) for v in ("stock", "dsa", "mask"))
         cell = lambda r: f"{r['median_s']:.2f} ({r['median_cpu_s']:.2f})" if r else "-"  # noqa: E731
         mem = lambda r: f"{r['peak_mib']:.0f}" if r else "-"  # noqa: E731
         ratio = f"{d['median_cpu_s'] / s['median_cpu_s']:.2f} ({d['median_s'] / s['median_s']:.2f})" if s and d else "-"
@@ -78,11 +79,14 @@ def decode_table(results, kind) -> str:
 
 
 def plot(results, png: Path) -> None:
-    panels = [("prefill", "median_cpu_s", "prefill CPU s"), ("prefill", "peak_mib", "prefill peak MiB"),
+    panels = [("prefill", "median_cpu_s", "prefill CPU s (model)"), ("prefill-attention", "median_cpu_s", "prefill CPU s (attention)"),
+              ("prefill", "peak_mib", "prefill peak MiB (model)"),
               ("decode", "median_cpu_s", "decode CPU s / token (model)"), ("decode-attention", "median_cpu_s", "decode CPU s / token (attention)")]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    panels = [panel for panel in panels if lengths(results, panel[0])]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    axes.flat[-1].set_visible(len(panels) == 6)
     for ax, (kind, key, title) in zip(axes.flat, panels):
-        caches = [None] if kind == "prefill" else ["static", "dynamic", "dsa"]
+        caches = [None] if kind.startswith("prefill") else ["static", "dynamic", "dsa"]
         for variant in ("stock", "dsa", "mask"):
             for cache in caches:
                 points = [(n, r[key]) for n in lengths(results, kind) if (r := figure(results, kind, variant, n, cache))]
@@ -103,20 +107,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, nargs="+")
     parser.add_argument("--png", type=Path, default=Path("docs/performance.png"))
+    parser.add_argument("--plot-threads", type=int, default=1, help="the thread count whose figures are plotted")
     args = parser.parse_args()
     reports, results = load(args.results)
     for report in reports:
-        print(f"`{report['command']}` on {report['device']}, {report.get('threads')} thread(s), started {report['started']}\n")
-    print("Prefill\n\n" + prefill_table(results) + "\n")
-    for kind in ("decode", "decode-attention"):
-        if lengths(results, kind):
-            print(f"{kind}\n\n" + decode_table(results, kind) + "\n")
-    for r in results:
-        if r["kind"] == "train" and r["status"] == "ok":
-            print(f"warm-up training step at {k(r['length'])}: {r['median_s']:.1f} s (cpu {r['median_cpu_s']:.1f} s), peak {r['peak_mib']:.0f} MiB\n")
-        if r["status"] != "ok":
-            print(f"not measured: {r['kind']} {r['variant']} {r.get('cache') or ''} {k(r['length'])}: {r['status']}\n")
-    plot(results, args.png)
+        print(f"- `{report['command']}` on {report['device']}, {report.get('threads')} thread(s), "
+              f"commit {report.get('commit', '?')}, started {report['started']}")
+    for threads in sorted({r["threads"] for r in results}):
+        subset = [r for r in results if r["threads"] == threads]
+        print(f"\n## {threads} torch thread(s)\n")
+        for kind in ("prefill", "prefill-attention"):
+            if lengths(subset, kind):
+                print(f"{kind}\n\n" + prefill_table(subset, kind) + "\n")
+        for kind in ("decode", "decode-attention"):
+            if lengths(subset, kind):
+                print(f"{kind}\n\n" + decode_table(subset, kind) + "\n")
+        for r in subset:
+            if r["kind"] == "train" and r["status"] == "ok":
+                print(f"warm-up training step at {k(r['length'])}: {r['median_s']:.1f} s (cpu {r['median_cpu_s']:.1f} s), peak {r['peak_mib']:.0f} MiB\n")
+            if r["status"] != "ok":
+                print(f"not measured: {r['kind']} {r['variant']} {r.get('cache') or ''} {k(r['length'])}: {r['status']}\n")
+    plot([r for r in results if r["threads"] == args.plot_threads], args.png)
 
 
 if __name__ == "__main__":
