@@ -8,7 +8,8 @@ Two implementations of the same attention: the plain reference (`sparse_attentio
 gather of the selected keys and values, then batched matmuls) and the fast paths the model uses by default
 (`FAST_PATHS`): `sparse_attention_fast` (index_select + embedding_bag, no gathered values; on a GPU at
 inference the Triton kernel of triton_attention.py) and `dense_attention` (SDPA, for queries whose every
-allowed key is selected). Tests hold them equal.
+allowed key is selected). The selection likewise: `topk_plain` (torch.topk over every allowed key) and, on the
+fast path, `topk_by_blocks` (the same keys through a top-k of block maxima first). Tests hold them equal.
 """
 
 import functools
@@ -24,6 +25,7 @@ CHUNK_ELEMENTS = 1 << 20
 # The model runs the fast paths below; False runs the reference path everywhere (tests compare the two).
 FAST_PATHS = True
 FAST_BLOCK = 16  # queries per block in sparse_attention_fast
+TOPK_BLOCK = 8  # keys per block in topk_by_blocks
 NEG = torch.finfo(torch.float32).min  # a finite "minus infinity" for masked logits
 
 
@@ -61,7 +63,8 @@ def select_topk(q_idx, k_idx, w_idx, allowed: torch.Tensor, topk: int, fast: boo
     """The top-k keys of each query by index score, among its allowed keys.
 
     q_idx: B, T, H_I, d_I; k_idx: B, S, d_I; w_idx: B, T, H_I; allowed: B, T, S.
-    Exact-zero ties go to the most recent keys (`break_zero_ties`). fast: scores by `index_scores_inplace`.
+    Exact-zero ties go to the most recent keys (`break_zero_ties`). fast: scores by `index_scores_inplace`,
+    selection by `topk_by_blocks`.
     Returns indices B, T, K (long) and valid B, T, K (bool). A selected slot is valid only if its key is
     allowed: when a row has fewer than K allowed keys, topk also returns masked positions, and those
     must never be attended.
@@ -69,9 +72,38 @@ def select_topk(q_idx, k_idx, w_idx, allowed: torch.Tensor, topk: int, fast: boo
     scores = (index_scores_inplace if fast else index_scores)(q_idx, k_idx, w_idx)  # B, T, S
     scores = break_zero_ties(scores).masked_fill_(~allowed, float("-inf"))
     k = min(topk, scores.shape[-1])
-    indices = scores.topk(k, dim=-1, sorted=False).indices  # B, T, K
+    indices = (topk_by_blocks if fast else topk_plain)(scores, k)  # B, T, K
     valid = allowed.expand_as(scores).gather(-1, indices)
     return indices, valid
+
+
+def topk_plain(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return scores.topk(k, dim=-1, sorted=False).indices
+
+
+def topk_by_blocks(scores: torch.Tensor, k: int, block: int | None = None) -> torch.Tensor:
+    """`topk_plain` (the same set of values) with fewer elements through torch.topk, for long rows.
+
+    The k largest entries of a row all lie in the k blocks (of `block` consecutive entries) with the largest
+    maxima, or in the tail after the last full block: an entry of any other block is exceeded by the maximum
+    of each of those k blocks. So: block maxima (one pass), top-k of the S / block maxima, then top-k of the
+    k * block (+ tail) candidates, instead of top-k of all S entries. Rows shorter than 2 * k * block go to
+    `topk_plain`. Equal values may be picked at other positions than `topk_plain` picks them.
+    """
+    block = block or TOPK_BLOCK
+    *lead, S = scores.shape
+    n_blocks = S // block
+    if n_blocks < 2 * k:
+        return topk_plain(scores, k)
+    maxima = scores[..., : n_blocks * block].unflatten(-1, (n_blocks, block)).amax(dim=-1)  # ..., n_blocks
+    top_blocks = maxima.topk(k, dim=-1, sorted=False).indices  # ..., k
+    offsets = torch.arange(block, device=scores.device)
+    candidates = (top_blocks[..., None] * block + offsets).flatten(-2)  # ..., k * block
+    if S > n_blocks * block:
+        tail = torch.arange(n_blocks * block, S, device=scores.device).expand(*lead, -1)
+        candidates = torch.cat([candidates, tail], dim=-1)
+    picked = scores.gather(-1, candidates).topk(k, dim=-1, sorted=False).indices
+    return candidates.gather(-1, picked)
 
 
 def index_scores_inplace(q_idx, k_idx, w_idx) -> torch.Tensor:

@@ -13,7 +13,16 @@ from transformers.cache_utils import DynamicIndexedLayer
 import dsa
 import dsa.attention
 import dsa.cache
-from dsa.attention import allowed_keys, dense_attention, select_topk, sparse_attention, sparse_attention_fast
+from dsa.attention import (
+    allowed_keys,
+    break_zero_ties,
+    dense_attention,
+    select_topk,
+    sparse_attention,
+    sparse_attention_fast,
+    topk_by_blocks,
+    topk_plain,
+)
 from dsa.cache import GrowingIndexedLayer
 from tiny_models import tiny_dsa, tiny_qwen2
 
@@ -55,6 +64,27 @@ def test_sparse_attention_fast_equals_reference_with_gradients(T, S, K):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("S", [64, 67, 203])
+def test_topk_by_blocks_selects_what_torch_topk_selects(S):
+    """Rows long enough for the block path, a tail after the last full block, exact-zero ties broken by
+    recency, masked keys, and a row with fewer allowed keys than k."""
+    k, block = 4, 4
+    scores = torch.randn(2, 5, S, generator=torch.Generator().manual_seed(S))
+    scores[0, :, ::3] = 0  # ReLU zeros
+    scores[0, 0, :] = 0  # a row of zeros only: the k most recent keys win
+    scores[1, 0, S // 2 :] = float("-inf")  # masked keys
+    scores[1, 1, 3:] = float("-inf")  # 3 allowed keys < k
+    scores = break_zero_ties(scores)
+    assert S // block >= 2 * k  # the block path is taken
+    plain, fast = topk_plain(scores, k), topk_by_blocks(scores, k, block)
+    assert fast.shape == plain.shape and (fast.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct keys
+    torch.testing.assert_close(scores.gather(-1, fast).sort(-1).values, scores.gather(-1, plain).sort(-1).values)
+    finite = scores.gather(-1, plain).isfinite().all(-1)  # rows whose k-th score is a real one
+    assert torch.equal(fast.sort(-1).values[finite], plain.sort(-1).values[finite])
+    assert set(fast[1, 1].tolist()) >= {0, 1, 2}
+    assert torch.equal(fast[0, 0].sort().values, torch.arange(S - k, S))
+
+
 def test_dense_attention_equals_sparse_gather_when_every_allowed_key_is_selected():
     q, k, v, allowed, _, _ = random_selection(T=12, S=12)
     assert not allowed[1, 0].any()  # a padding query with no key at all
@@ -88,6 +118,7 @@ def test_model_fast_paths_equal_reference(mode, topk, monkeypatch):
     mask[1, :5] = 0
     inputs = dict(input_ids=x, attention_mask=mask, labels=x, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
     monkeypatch.setattr(dsa.attention, "CHUNK_ELEMENTS", 30 * 4)  # chunks of 4 queries: the first are dense
+    monkeypatch.setattr(dsa.attention, "TOPK_BLOCK", 2)  # rows of >= 24 keys take topk_by_blocks
     with torch.set_grad_enabled(mode == "train"):
         ref, ref_grads = run_model(model, False, monkeypatch, **inputs)
         fast, fast_grads = run_model(model, True, monkeypatch, **inputs)
@@ -106,6 +137,7 @@ def test_model_fast_paths_equal_reference(mode, topk, monkeypatch):
 
 def test_fast_decode_equals_reference_full_forward(monkeypatch):
     model = gqa_dsa(topk=6)
+    monkeypatch.setattr(dsa.attention, "TOPK_BLOCK", 2)  # contexts of >= 24 keys take topk_by_blocks
     x = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         monkeypatch.setattr(dsa.attention, "FAST_PATHS", False)
