@@ -29,7 +29,7 @@ COLORS = {"stock": "tab:blue", "dsa": "tab:orange", "mask": "tab:green"}
 
 def load(paths: list[Path]) -> tuple[list[dict], list[dict]]:
     reports = [json.loads(p.read_text()) for p in paths]
-    return reports, [{**r, "suite": report["command"]} for report in reports for r in report["results"]]
+    return reports, [r for report in reports for r in report["results"]]
 
 
 def figure(results, kind, variant, length, cache=None) -> dict | None:
@@ -84,7 +84,8 @@ def plot(results, png: Path) -> None:
               ("decode", "median_cpu_s", "decode CPU s / token (model)"), ("decode-attention", "median_cpu_s", "decode CPU s / token (attention)")]
     panels = [panel for panel in panels if lengths(results, panel[0])]
     fig, axes = plt.subplots(2, 3, figsize=(16, 8))
-    axes.flat[-1].set_visible(len(panels) == 6)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     for ax, (kind, key, title) in zip(axes.flat, panels):
         caches = [None] if kind.startswith("prefill") else ["static", "dynamic", "dsa"]
         for variant in ("stock", "dsa", "mask"):
