@@ -13,8 +13,8 @@ from transformers import PreTrainedTokenizerFast
 
 import dsa
 from dsa.errors import UsageError
-from tiny_models import tiny_dsa, tiny_qwen2
 from dsa.dpo import IGNORE, DPOLoss, PreferencePairs, collate, dpo_loss, parse_row, read_rows, sequence_logps, tokenize_pair
+from tiny_models import tiny_dsa, tiny_qwen2
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "coig_p_sample.jsonl"
 CHATML = (

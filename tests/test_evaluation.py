@@ -24,6 +24,11 @@ from tiny_models import tiny_dsa, tiny_qwen2
 VOCAB = 96
 
 
+def peaked_dsa(topk: int):
+    """A tiny DSA model with peaked attention and spread index scores."""
+    return tiny_dsa(tiny_qwen2(VOCAB, sharpen=4.0), topk, spread=8.0)
+
+
 def causal_rows(T: int, seed: int = 0) -> torch.Tensor:
     """Random attention rows over causal keys: 1, T, T, each row summing to 1."""
     g = torch.Generator().manual_seed(seed)
@@ -99,7 +104,7 @@ def test_indexer_recall_matches_eager_attention_weights():
 
 
 def test_indexer_recall_is_undefined_when_k_covers_the_window():
-    model = tiny_dsa(tiny_qwen2(VOCAB, sharpen=4.0), topk=4, spread=8.0)
+    model = peaked_dsa(topk=4)
     recall = indexer_recall(model, torch.randint(0, VOCAB, (1, 8)), [8, 16])
     assert recall[8]["rows"] == 0 and recall[8]["indexer"] == [None, None]
 
@@ -110,7 +115,7 @@ def test_indexer_recall_is_undefined_when_k_covers_the_window():
 
 
 def test_decode_path_perplexity_equals_prefill():
-    model = tiny_dsa(tiny_qwen2(VOCAB, sharpen=4.0), topk=5, spread=8.0)
+    model = peaked_dsa(topk=5)
     ids = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(1))
     sparse_prefill = prefill_nll(model, ids)
     assert sparse_prefill.shape == (23,)
@@ -125,7 +130,7 @@ def test_decode_path_perplexity_equals_prefill():
 
 
 def test_prefill_nll_is_the_model_loss():
-    model = tiny_dsa(tiny_qwen2(VOCAB, sharpen=4.0), topk=5, spread=8.0)
+    model = peaked_dsa(topk=5)
     ids = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         loss = model(ids[None], labels=ids[None], use_cache=False).loss
