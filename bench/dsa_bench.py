@@ -10,9 +10,13 @@ embeddings; DSA indexer 4 heads x 64, RoPE on 32 features, k = 512. No grad unle
 
   prefill   model(ids, use_cache=True, logits_to_keep=1) on L tokens, as generate() prefills, with
             --prefill-layers layers. Latency: median of --runs runs after a 256-token warm-up. Peak
-            memory: the first run's resident-set high-water mark above the resident set just before
-            it (CPU: /proc/self/status VmHWM after resetting it with /proc/self/clear_refs; GPU:
-            torch.cuda.max_memory_allocated above the allocated memory before it).
+            memory: the high-water mark of one run above the memory just before it. GPU:
+            torch.cuda.max_memory_allocated. CPU: the resident set (/proc/self/status VmHWM after
+            resetting it with /proc/self/clear_refs), in a separate process whose glibc maps every
+            block of >= 1 MiB on its own and unmaps it when freed (MEMORY_ENV), so the peak counts the
+            live tensors, not whatever the heap kept from earlier ones (with glibc's defaults the same
+            run's peak varies by up to 2x from process to process; that run's speed is not reported,
+            as the extra page faults slow it).
             "prefill-attention" is the same with the MLP and vocabulary shrunk to almost nothing
             (intermediate 64, vocab 1024): what the attention blocks cost, without the MLP floor.
   decode    per-token latency of model(next_token, cache=...) at context S, with --decode-layers
@@ -23,7 +27,8 @@ embeddings; DSA indexer 4 heads x 64, RoPE on 32 features, k = 512. No grad unle
             (its default). "decode-attention" is the same with the MLP and vocabulary shrunk to almost
             nothing (intermediate 64, vocab 1024): the attention blocks and their caches alone.
   train     one warm-up-stage training step at --train-length (indexers trainable, base frozen, the
-            call warmup_train.py makes, AdamW step), after one step at 256 tokens; peak as above.
+            call warmup_train.py makes, AdamW step), after one step at 256 tokens; peak as above (on
+            CPU: from a second process, with MEMORY_ENV).
 
 Variants: "stock" (Qwen2ForCausalLM, SDPA), "dsa" (Qwen2DSAForCausalLM, sparse mode, fast paths),
 "mask" (bench/strawman.py: dense logits + -inf mask; only up to --mask-max tokens, its B*Hq*L*L logits
@@ -62,6 +67,7 @@ SHAPES = dict(
 )
 ATTENTION_ONLY = dict(intermediate_size=64, vocab_size=1024)  # "decode-attention": MLP and vocabulary ~ nothing
 KINDS = ("prefill", "prefill-attention", "decode", "decode-attention", "train")
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # glibc: blocks >= 1 MiB mmapped, returned when freed
 DSA_SHAPES = dsa.DSAConfig(index_n_heads=4, index_head_dim=64, index_rope_dim=32, index_topk=512)
 
 
@@ -252,10 +258,10 @@ def figures(args) -> list[dict]:
     return [{**spec, "threads": args.threads} for spec in specs if args.kinds is None or spec["kind"] in args.kinds]
 
 
-def run_in_subprocess(spec: dict, timeout: int) -> dict:
+def run_in_subprocess(spec: dict, timeout: int, env: dict | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", json.dumps(spec)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {**spec, "status": f"timeout after {timeout} s"}
     if done.returncode != 0:
@@ -303,9 +309,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for spec in figures(args):
         result = run_in_subprocess(spec, args.timeout)
+        if result["status"] == "ok" and "peak_mib" in result and not torch.cuda.is_available():
+            memory = run_in_subprocess({**spec, "runs": 1}, args.timeout, env=MEMORY_ENV)
+            result["peak_mib"] = memory.get("peak_mib")  # None (and the status says why) if that run failed
+            result["memory_status"] = memory["status"]
         report["results"].append(result)
         shown = f"{result['median_s']:.4f} s (cpu {result['median_cpu_s']:.4f} s)" if result["status"] == "ok" else result["status"]
-        peak = f", peak {result['peak_mib']:.0f} MiB" if "peak_mib" in result else ""
+        peak = f", peak {result['peak_mib']:.0f} MiB" if result.get("peak_mib") is not None else ""
         print(f"{spec['kind']:16} {spec['variant']:5} {spec.get('cache', ''):7} {spec['length']:6}: {shown}{peak}", flush=True)
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(report, indent=1) + "\n")

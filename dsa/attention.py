@@ -9,7 +9,8 @@ gather of the selected keys and values, then batched matmuls) and the fast paths
 (`FAST_PATHS`): `sparse_attention_fast` (index_select + embedding_bag, no gathered values; on a GPU at
 inference the Triton kernel of triton_attention.py) and `dense_attention` (SDPA, for queries whose every
 allowed key is selected). The selection likewise: `topk_plain` (torch.topk over every allowed key) and, on the
-fast path, `topk_by_blocks` (the same keys through a top-k of block maxima first). Tests hold them equal.
+fast path, `topk_by_blocks` (the same keys through a top-k of block maxima first), after `index_scores_fast`
+and `mask_disallowed_`. Tests hold them equal.
 """
 
 import functools
@@ -49,32 +50,62 @@ def allowed_keys(query_index: torch.Tensor, key_padding: torch.Tensor | None, n_
     return allowed
 
 
+def recency_nudge(n_keys: int, device) -> torch.Tensor:
+    """1e-30 * (s + 1) for key s = 0 .. n_keys - 1: added to the index scores to order exact-zero ties."""
+    return torch.arange(1, n_keys + 1, device=device, dtype=torch.float32) * 1e-30
+
+
 def break_zero_ties(scores: torch.Tensor) -> torch.Tensor:
-    """Order exact-zero index scores by recency. ReLU makes I[t, s] exactly 0 whenever every indexer head
-    sees q . k <= 0, so many keys can tie at the k-th place, and torch.topk would pick among them
-    arbitrarily (differently for a full forward and a cached decode). Zeros become tiny positives that
-    grow with the key index: below any real positive score, and the most recent tied keys win."""
-    key_index = torch.arange(1, scores.shape[-1] + 1, device=scores.device, dtype=scores.dtype)
-    return torch.where(scores == 0, key_index * 1e-30, scores)
+    """I'[t, s] = I[t, s] + 1e-30 * (s + 1): exact-zero index scores ordered by recency.
+
+    ReLU makes I[t, s] exactly 0 whenever every indexer head sees q . k <= 0, so many keys can tie at the
+    k-th place, and torch.topk would pick among them arbitrarily (differently for a full forward and a
+    cached decode). The nudge turns zeros into tiny positives that grow with the key index (below any real
+    positive score: the most recent tied keys win) and leaves every score of magnitude >= 1e-16 unchanged
+    in fp32 (it is below half an ulp of it, for up to 10^7 keys). scores: ..., S (fp32).
+    """
+    return scores + recency_nudge(scores.shape[-1], scores.device)
 
 
 @torch.no_grad()
-def select_topk(q_idx, k_idx, w_idx, allowed: torch.Tensor, topk: int, fast: bool = False):
-    """The top-k keys of each query by index score, among its allowed keys.
+def select_topk(q_idx, k_idx, w_idx, query_index: torch.Tensor, key_padding, topk: int, fast: bool = False):
+    """The top-k keys of each query by index score, among its allowed keys (`allowed_keys`).
 
-    q_idx: B, T, H_I, d_I; k_idx: B, S, d_I; w_idx: B, T, H_I; allowed: B, T, S.
-    Exact-zero ties go to the most recent keys (`break_zero_ties`). fast: scores by `index_scores_inplace`,
-    selection by `topk_by_blocks`.
+    q_idx: B, T, H_I, d_I; k_idx: B, S, d_I; w_idx: B, T, H_I; query_index: T (the cache index of each
+    query, consecutive); key_padding: B, S bool (True = real token) or None.
+    Exact-zero ties go to the most recent keys (`break_zero_ties`). fast: scores by `index_scores_fast`,
+    tie break and masks in place (`mask_disallowed_`: the last query must be key S - 1, as in a cached
+    decode or a chunk cut at its last query), selection by `topk_by_blocks`.
     Returns indices B, T, K (long) and valid B, T, K (bool). A selected slot is valid only if its key is
     allowed: when a row has fewer than K allowed keys, topk also returns masked positions, and those
     must never be attended.
     """
-    scores = (index_scores_inplace if fast else index_scores)(q_idx, k_idx, w_idx)  # B, T, S
-    scores = break_zero_ties(scores).masked_fill_(~allowed, float("-inf"))
-    k = min(topk, scores.shape[-1])
+    S = k_idx.shape[1]
+    if fast:
+        scores = index_scores_fast(q_idx, k_idx, w_idx).add_(recency_nudge(S, k_idx.device))  # B, T, S
+        mask_disallowed_(scores, query_index, key_padding)
+    else:
+        scores = break_zero_ties(index_scores(q_idx, k_idx, w_idx))  # B, T, S
+        scores = scores.masked_fill_(~allowed_keys(query_index, key_padding, S), float("-inf"))
+    k = min(topk, S)
     indices = (topk_by_blocks if fast else topk_plain)(scores, k)  # B, T, K
-    valid = allowed.expand_as(scores).gather(-1, indices)
+    valid = indices <= query_index[:, None]  # B, T, K: causal
+    if key_padding is not None:
+        valid = valid & key_padding.gather(1, indices.flatten(1)).view_as(indices)
     return indices, valid
+
+
+def mask_disallowed_(scores: torch.Tensor, query_index: torch.Tensor, key_padding) -> torch.Tensor:
+    """scores.masked_fill_(~allowed_keys(query_index, key_padding, S), -inf) for queries whose last one is
+    key S - 1: then every key before the first query is allowed to all of them (causally), and only the
+    last T columns need the causal comparison. scores: B, T, S."""
+    T, S = scores.shape[-2:]
+    tail = min(T, S)
+    keys = torch.arange(S - tail, S, device=scores.device)
+    scores[..., S - tail :].masked_fill_(keys[None, :] > query_index[:, None], float("-inf"))  # B, T, tail
+    if key_padding is not None:
+        scores.masked_fill_(~key_padding[:, None, :], float("-inf"))
+    return scores
 
 
 def topk_plain(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -106,19 +137,17 @@ def topk_by_blocks(scores: torch.Tensor, k: int, block: int | None = None) -> to
     return candidates.gather(-1, picked)
 
 
-def index_scores_inplace(q_idx, k_idx, w_idx) -> torch.Tensor:
-    """`index_scores` without autograd: one matmul for all indexer heads, then ReLU and the weighted sum
-    over heads in place (no second B*T*H_I*S tensor). A single query (decoding) multiplies the other way
-    round, k_idx @ q^T, which streams the S x d_I indexer keys once, in order (the cost of a decode step)."""
+def index_scores_fast(q_idx, k_idx, w_idx) -> torch.Tensor:
+    """`index_scores` without autograd and with one B*T*H_I*S tensor: one matmul for all indexer heads, ReLU
+    in place, then the weighted sum over heads as a batched matmul (w[t] (1 x H_I) @ relu(logits[t]) (H_I x S)).
+    A single query (decoding) multiplies the other way round, k_idx @ q^T, which streams the S x d_I indexer
+    keys once, in order (the cost of a decode step)."""
     B, T, H, d = q_idx.shape
     if T == 1:
         logits = torch.matmul(k_idx, q_idx.view(B, H, d).transpose(1, 2)).relu_()  # B, S, H
         return torch.matmul(logits.float(), w_idx.reshape(B, H, 1)).view(B, 1, -1)
-    logits = torch.matmul(q_idx.reshape(B, T * H, d), k_idx.transpose(1, 2)).view(B, T, H, -1).relu_()
-    scores = logits[:, :, 0].float() * w_idx[:, :, 0, None]  # B, T, S
-    for j in range(1, H):
-        scores.addcmul_(logits[:, :, j], w_idx[:, :, j, None])
-    return scores
+    logits = torch.matmul(q_idx.reshape(B, T * H, d), k_idx.transpose(1, 2)).relu_()  # B, T * H, S
+    return torch.matmul(w_idx.reshape(B, T, 1, H), logits.view(B, T, H, -1).float()).view(B, T, -1)  # B, T, S
 
 
 def gather_keys(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -207,7 +207,7 @@ def layer_recall_sums(attn, hidden: torch.Tensor, position_embeddings, position_
         allowed = allowed_keys(query_index[rows], None, T)  # 1, C, T
         p = attention_target(logits.reshape(B, Hq, C, T), allowed)  # B, C, T
         for kk in topks:
-            selected, _ = select_topk(q_idx[:, rows], k_idx, w_idx[:, rows], allowed, kk)  # B, C, K
+            selected, _ = select_topk(q_idx[:, rows], k_idx, w_idx[:, rows], query_index[rows], None, kk)  # B, C, K
             counted = (query_index[rows] + 1 > kk).float()  # C
             for method, recall in recall_rows(p, selected, query_index[rows], kk).items():
                 sums[kk][method] += (recall * counted).sum().item()

@@ -134,19 +134,19 @@ class Qwen2DSAAttention(Qwen2Attention):
             n_keys = S - T + rows.stop if fast else S
             k_c, v_c, k_idx_c = k[:, :, :n_keys], v[:, :, :n_keys], k_idx[:, :n_keys]
             padding = None if key_padding is None else key_padding[:, :n_keys]
-            allowed = allowed_keys(query_index[rows], padding, n_keys)  # B|1, C, n_keys
             q_c, q_idx_c, w_idx_c = q[:, :, rows], q_idx[:, rows], w_idx[:, rows]
             if fast and n_keys <= self.topk:
+                allowed = allowed_keys(query_index[rows], padding, n_keys)  # B|1, C, n_keys
                 outs.append(maybe_checkpoint(attention.dense_attention, q_c, k_c, v_c, allowed, self.scaling))
                 if self.training:
                     kl = maybe_checkpoint(warmup_kl, q_c, k_c, q_idx_c, k_idx_c, w_idx_c, allowed, self.scaling)
             else:
-                indices, valid = select_topk(q_idx_c, k_idx_c, w_idx_c, allowed, self.topk, fast)  # B, C, K
+                indices, valid = select_topk(q_idx_c, k_idx_c, w_idx_c, query_index[rows], padding, self.topk, fast)  # B, C, K
                 outs.append(maybe_checkpoint(attend, q_c, k_c, v_c, indices, valid, self.scaling))
                 if self.training:
                     kl = maybe_checkpoint(sparse_kl, q_c, k_c, q_idx_c, k_idx_c, w_idx_c, indices, valid, self.scaling)
             if self.training:
-                counted = query_rows(allowed, query_index[rows], key_padding)
+                counted = query_rows(query_index[rows], key_padding)
                 kl_sum, n_rows = kl_sum + (kl * counted).sum(), n_rows + counted.sum()
         if self.training:
             self.indexer_loss = kl_sum / max(n_rows, 1)
@@ -159,17 +159,17 @@ class Qwen2DSAAttention(Qwen2Attention):
         for rows in query_chunks(len(query_index), S):
             allowed = allowed_keys(query_index[rows], key_padding, S)
             kl = maybe_checkpoint(warmup_kl, q[:, :, rows], k, q_idx[:, rows], k_idx, w_idx[:, rows], allowed, self.scaling)
-            counted = query_rows(allowed, query_index[rows], key_padding)
+            counted = query_rows(query_index[rows], key_padding)
             kl_sum, n_rows = kl_sum + (kl * counted).sum(), n_rows + counted.sum()
         return kl_sum / max(n_rows, 1)
 
 
-def query_rows(allowed: torch.Tensor, query_index: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
-    """Which query rows count in the loss mean: real (non-padding) tokens with at least one allowed key. B, C."""
-    counted = allowed.any(dim=-1)
-    if key_padding is not None:
-        counted = counted & key_padding[:, query_index]
-    return counted
+def query_rows(query_index: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
+    """Which query rows count in the loss mean: the real (non-padding) tokens, B (or 1), C. (Each has at least
+    one allowed key, itself; a padding query may have none.)"""
+    if key_padding is None:
+        return torch.ones(1, len(query_index), dtype=torch.bool, device=query_index.device)
+    return key_padding[:, query_index]
 
 
 @dataclass

@@ -342,20 +342,20 @@ def test_zero_score_ties_go_to_the_most_recent_keys():
     q = torch.tensor([[[[1.0, 0.0]]]])  # B=1, T=1, H_I=1, d_I=2
     k = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [2.0, 0.0], [-1.0, 0.0], [-3.0, 0.0], [-1.0, 0.0]]])
     w = torch.ones(1, 1, 1)
-    allowed = torch.ones(1, 1, 6, dtype=torch.bool)
-    indices, valid = dsa.attention.select_topk(q, k, w, allowed, topk=4)
-    assert sorted(indices[0, 0].tolist()) == [0, 2, 4, 5] and valid.all()
+    for fast in (False, True):
+        indices, valid = dsa.attention.select_topk(q, k, w, torch.tensor([5]), None, topk=4, fast=fast)
+        assert sorted(indices[0, 0].tolist()) == [0, 2, 4, 5] and valid.all()
 
 
 def test_rows_with_fewer_allowed_keys_than_k_never_attend_masked_keys():
     q = torch.randn(1, 3, 1, 4)
     k = torch.randn(1, 3, 4)
     w = torch.ones(1, 3, 1)
-    allowed = dsa.attention.allowed_keys(torch.arange(3), None, 3)
-    indices, valid = dsa.attention.select_topk(q, k, w, allowed, topk=3)
-    for t in range(3):
-        chosen = {int(i) for i, ok in zip(indices[0, t], valid[0, t]) if ok}
-        assert chosen == set(range(t + 1))  # every causal key, and never a future one
+    for fast in (False, True):
+        indices, valid = dsa.attention.select_topk(q, k, w, torch.arange(3), None, topk=3, fast=fast)
+        for t in range(3):
+            chosen = {int(i) for i, ok in zip(indices[0, t], valid[0, t]) if ok}
+            assert chosen == set(range(t + 1))  # every causal key, and never a future one
 
 
 def test_bf16_model_dense_mode_is_bitwise_the_stock_model(tmp_path):

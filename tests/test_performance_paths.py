@@ -44,7 +44,7 @@ def random_selection(B=2, Hq=6, Hkv=2, T=7, S=20, K=5, D=8, seed=0):
     allowed = allowed_keys(torch.arange(S - T, S), padding, S)
     scores = torch.randn(B, T, S, generator=g)
     q_idx, k_idx, w_idx = scores[:, :, None, :], torch.eye(S)[None].expand(B, S, S), torch.ones(B, T, 1)
-    indices, valid = select_topk(q_idx, k_idx, w_idx, allowed, K)  # index score of key s = scores[..., s]
+    indices, valid = select_topk(q_idx, k_idx, w_idx, torch.arange(S - T, S), padding, K)  # index score of key s = scores[..., s]
     return q, k, v, allowed, indices, valid
 
 
@@ -83,6 +83,27 @@ def test_topk_by_blocks_selects_what_torch_topk_selects(S):
     assert torch.equal(fast.sort(-1).values[finite], plain.sort(-1).values[finite])
     assert set(fast[1, 1].tolist()) >= {0, 1, 2}
     assert torch.equal(fast[0, 0].sort().values, torch.arange(S - k, S))
+
+
+@pytest.mark.parametrize("T,S", [(1, 70), (9, 9), (9, 70)])  # a decode step, a first chunk, a later chunk
+def test_fast_selection_selects_what_the_reference_selects(T, S, monkeypatch):
+    """select_topk(fast=True): index_scores_fast, the in-place tie break and masks (`mask_disallowed_`, the
+    queries' last one at key S - 1) and topk_by_blocks, against the reference, with padding, ReLU zeros
+    (ties) and a row with fewer allowed keys than k. Same keys, same validity."""
+    monkeypatch.setattr(dsa.attention, "TOPK_BLOCK", 2)  # rows of >= 4 * K keys take the block path
+    g = torch.Generator().manual_seed(S + T)
+    B, H, d, K = 2, 3, 8, 6
+    q_idx, k_idx, w_idx = torch.randn(B, T, H, d, generator=g), torch.randn(B, S, d, generator=g), torch.randn(B, T, H, generator=g)
+    k_idx[:, ::4] = 0  # exact-zero scores: ties broken by recency
+    padding = torch.ones(B, S, dtype=torch.bool)
+    padding[1, : S - 4] = False  # row 1: 4 real keys < K
+    query_index = torch.arange(S - T, S)
+    ref_indices, ref_valid = select_topk(q_idx, k_idx, w_idx, query_index, padding, K)
+    indices, valid = select_topk(q_idx, k_idx, w_idx, query_index, padding, K, fast=True)
+    assert (~ref_valid).any() and ref_valid.any()
+    valid_keys = lambda i, v: i.masked_fill(~v, -1).sort(-1).values  # noqa: E731  (-1: an invalid slot)
+    assert torch.equal(valid_keys(indices, valid), valid_keys(ref_indices, ref_valid))
+    assert torch.equal(valid, allowed_keys(query_index, padding, S).expand(B, T, S).gather(-1, indices))
 
 
 def test_dense_attention_equals_sparse_gather_when_every_allowed_key_is_selected():
