@@ -39,6 +39,11 @@ def figure(results, kind, variant, length, cache=None) -> dict | None:
     return None
 
 
+def peak(r: dict | None) -> float | None:
+    """The figure's peak memory in MiB; None if not measured (its memory run failed: see memory_status)."""
+    return r.get("peak_mib") if r else None
+
+
 def lengths(results, kind) -> list[int]:
     return sorted({r["length"] for r in results if r["kind"] == kind})
 
@@ -55,10 +60,10 @@ def prefill_table(results, kind) -> str:
     for n in lengths(results, kind):
         s, d, m = (figure(results, kind, v, n) for v in ("stock", "dsa", "mask"))
         cell = lambda r: f"{r['median_s']:.2f} ({r['median_cpu_s']:.2f})" if r else "-"  # noqa: E731
-        mem = lambda r: f"{r['peak_mib']:.0f}" if r else "-"  # noqa: E731
+        mem = lambda r: f"{peak(r):.0f}" if peak(r) else "-"  # noqa: E731
         ratio = f"{d['median_cpu_s'] / s['median_cpu_s']:.2f} ({d['median_s'] / s['median_s']:.2f})" if s and d else "-"
-        mem_ratio = f"{d['peak_mib'] / s['peak_mib']:.2f}" if s and d else "-"
-        mask_ratio = f"{m['peak_mib'] / d['peak_mib']:.1f}" if m and d else "-"
+        mem_ratio = f"{peak(d) / peak(s):.2f}" if peak(s) and peak(d) else "-"
+        mask_ratio = f"{peak(m) / peak(d):.1f}" if peak(m) and peak(d) else "-"
         rows.append(f"| {k(n)} | {cell(s)} | {cell(d)} | {cell(m)} | {ratio} | {mem(s)} | {mem(d)} | {mem(m)} | {mem_ratio} | {mask_ratio} |")
     return "\n".join(rows)
 
@@ -90,7 +95,7 @@ def plot(results, png: Path) -> None:
         caches = [None] if kind.startswith("prefill") else ["static", "dynamic", "dsa"]
         for variant in ("stock", "dsa", "mask"):
             for cache in caches:
-                points = [(n, r[key]) for n in lengths(results, kind) if (r := figure(results, kind, variant, n, cache))]
+                points = [(n, r[key]) for n in lengths(results, kind) if (r := figure(results, kind, variant, n, cache)) and r.get(key) is not None]
                 if points and (variant, cache) in LABELS:
                     xs, ys = zip(*points)
                     style = "--" if cache == "dynamic" else "-"
@@ -125,7 +130,8 @@ def main() -> None:
                 print(f"{kind}\n\n" + decode_table(subset, kind) + "\n")
         for r in subset:
             if r["kind"] == "train" and r["status"] == "ok":
-                print(f"warm-up training step at {k(r['length'])}: {r['median_s']:.1f} s (cpu {r['median_cpu_s']:.1f} s), peak {r['peak_mib']:.0f} MiB\n")
+                shown = f"{peak(r):.0f} MiB" if peak(r) else f"not measured ({r.get('memory_status')})"
+                print(f"warm-up training step at {k(r['length'])}: {r['median_s']:.1f} s (cpu {r['median_cpu_s']:.1f} s), peak {shown}\n")
             if r["status"] != "ok":
                 print(f"not measured: {r['kind']} {r['variant']} {r.get('cache') or ''} {k(r['length'])}: {r['status']}\n")
     plot([r for r in results if r["threads"] == args.plot_threads], args.png)

@@ -62,7 +62,7 @@ def break_zero_ties(scores: torch.Tensor) -> torch.Tensor:
     k-th place, and torch.topk would pick among them arbitrarily (differently for a full forward and a
     cached decode). The nudge turns zeros into tiny positives that grow with the key index (below any real
     positive score: the most recent tied keys win) and leaves every score of magnitude >= 1e-16 unchanged
-    in fp32 (it is below half an ulp of it, for up to 10^7 keys). scores: ..., S (fp32).
+    in fp32 (it is below half an ulp of it, for up to 10^6 keys). scores: ..., S (fp32).
     """
     return scores + recency_nudge(scores.shape[-1], scores.device)
 

@@ -18,7 +18,7 @@ over layers.
 import torch
 import torch.nn.functional as F
 
-from .attention import gather_keys, grouped_logits
+from .attention import allowed_keys, gather_keys, grouped_logits, query_chunks
 from .indexer import index_scores, selected_index_scores
 
 NEG = torch.finfo(torch.float32).min  # a finite "minus infinity": softmax of a fully masked row stays finite
@@ -39,19 +39,91 @@ def kl_rows(target: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor) -
     return (torch.xlogy(target, target) - target * log_q).sum(dim=-1)
 
 
+@torch.no_grad()
+def dense_target(q, k, allowed, scaling: float) -> torch.Tensor:
+    """The warm-up target over every allowed key. q: B, Hq, T, D; k: B, Hkv, S, D; allowed: B, T, S -> B, T, S."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    q32 = q.detach().float().view(B, Hkv, Hq // Hkv, T, D)
+    logits = torch.matmul(q32, k.detach().float()[:, :, None].transpose(-1, -2)) * scaling  # B,Hkv,G,T,S
+    return attention_target(logits.reshape(B, Hq, T, -1), allowed)
+
+
 def warmup_kl(q, k, q_idx, k_idx, w_idx, allowed, scaling: float) -> torch.Tensor:
     """Dense warm-up: target over the whole causal row.
 
     q: B, Hq, T, D; k: B, Hkv, S, D; q_idx: B, T, H_I, d_I; k_idx: B, S, d_I; w_idx: B, T, H_I;
     allowed: B, T, S  ->  KL per row: B, T.
     """
-    with torch.no_grad():
-        B, Hq, T, D = q.shape
-        Hkv = k.shape[1]
-        q32 = q.detach().float().view(B, Hkv, Hq // Hkv, T, D)
-        logits = torch.matmul(q32, k.detach().float()[:, :, None].transpose(-1, -2)) * scaling  # B,Hkv,G,T,S
-        target = attention_target(logits.reshape(B, Hq, T, -1), allowed)
-    return kl_rows(target, index_scores(q_idx, k_idx, w_idx), allowed)
+    return kl_rows(dense_target(q, k, allowed, scaling), index_scores(q_idx, k_idx, w_idx), allowed)
+
+
+def query_rows(query_index: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
+    """Which query rows count in the loss mean: the real (non-padding) tokens, B (or 1), T. (Each has at least
+    one allowed key, itself; a padding query may have none.)"""
+    if key_padding is None:
+        return torch.ones(1, len(query_index), dtype=torch.bool, device=query_index.device)
+    return key_padding[:, query_index]
+
+
+class WarmupLoss(torch.autograd.Function):
+    """The warm-up loss of one layer, with its gradient computed in the forward pass, chunk by chunk, while the
+    chunk's attention target is at hand. Same value and gradients as the reference (Qwen2DSAAttention.warmup_loss
+    without FAST_PATHS), which recomputes every chunk, target included (Hq heads of q . k and a softmax over
+    every causal pair), in backward. Saved for backward: only the gradients of q_idx, k_idx and w_idx (their
+    own sizes). With loss = sum_t c_t KL_t / n (c_t: the row counts, n: the number of such rows):
+
+        dloss/dI[t, s] = c_t / n * (softmax(I[t])[s] - p[t, s])     (allowed s; else 0; p[t] sums to 1)
+        dloss/dw[t, j] = sum_s dI[t, s] * relu(l[t, j, s]),  dl[t, j, s] = dI[t, s] * w[t, j] * [l[t, j, s] > 0]
+        dloss/dq_idx[t, j] = sum_s dl[t, j, s] * k_idx[s],   dloss/dk_idx[s] = sum_t,j dl[t, j, s] * q_idx[t, j]
+
+    with l = q_idx . k_idx the indexer logits and I the index scores (indexer.py).
+    """
+
+    @staticmethod
+    def forward(ctx, q_idx, k_idx, w_idx, q, k, query_index, key_padding, scaling):
+        wanted = ctx.needs_input_grad[:3]
+        grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need else None for x, need in zip((q_idx, k_idx, w_idx), wanted)]
+        counted = query_rows(query_index, key_padding)  # B|1, T
+        n_rows = counted.sum().clamp_min(1)
+        S, loss = k.shape[2], q_idx.new_zeros((), dtype=torch.float32)
+        for rows in query_chunks(len(query_index), S):
+            allowed = allowed_keys(query_index[rows], key_padding, S)  # B|1, C, S
+            target = dense_target(q[:, :, rows], k, allowed, scaling)  # B, C, S
+            logits = torch.einsum("bthd,bsd->bths", q_idx[:, rows], k_idx)  # B, C, H_I, S
+            relu = F.relu(logits).float()
+            scores = torch.einsum("bths,bth->bts", relu, w_idx[:, rows]).float()  # B, C, S (bf16 under autocast)
+            log_q = F.log_softmax(scores.masked_fill(~allowed, NEG), dim=-1).masked_fill(~allowed, 0.0)
+            weight = counted[:, rows, None] / n_rows  # B|1, C, 1
+            loss += ((torch.xlogy(target, target) - target * log_q).sum(dim=-1, keepdim=True) * weight).sum()
+            if not any(wanted):
+                continue
+            d_scores = (log_q.exp() * allowed - target) * weight  # B, C, S
+            d_logits = d_scores[:, :, None] * w_idx[:, rows, :, None] * (logits > 0)  # B, C, H_I, S
+            if grads[0] is not None:
+                grads[0][:, rows] += torch.einsum("bths,bsd->bthd", d_logits, k_idx.float())
+            if grads[1] is not None:
+                grads[1] += torch.einsum("bths,bthd->bsd", d_logits, q_idx[:, rows].float())
+            if grads[2] is not None:
+                grads[2][:, rows] += torch.einsum("bts,bths->bth", d_scores, relu)
+        ctx.dtypes = [x.dtype for x in (q_idx, k_idx, w_idx)]
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = [g * grad_loss if g is not None else None for g in ctx.saved_tensors]
+        grads = [g.to(dtype) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)]
+        return *grads, None, None, None, None, None
+
+
+def warmup_loss(q, k, q_idx, k_idx, w_idx, query_index, key_padding, scaling: float) -> torch.Tensor:
+    """The warm-up indexer loss of one layer (`WarmupLoss`): mean over the real query rows of KL(p || softmax(I)).
+
+    q: B, Hq, T, D; k: B, Hkv, S, D; q_idx: B, T, H_I, d_I; k_idx: B, S, d_I; w_idx: B, T, H_I; query_index: T;
+    key_padding: B, S bool or None  ->  a scalar.
+    """
+    return WarmupLoss.apply(q_idx, k_idx, w_idx, q, k, query_index, key_padding, scaling)
 
 
 def sparse_kl(q, k, q_idx, k_idx, w_idx, indices, valid, scaling: float) -> torch.Tensor:

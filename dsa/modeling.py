@@ -28,7 +28,7 @@ from .attention import allowed_keys, query_chunks, select_topk
 from .cache import GrowingIndexedLayer
 from .config import DSAConfig, Qwen2DSAConfig, dsa_config_from
 from .indexer import LightningIndexer
-from .losses import sparse_kl, warmup_kl
+from .losses import query_rows, sparse_kl, warmup_kl, warmup_loss
 
 MODES = ("dense", "warmup", "sparse")
 
@@ -153,7 +153,11 @@ class Qwen2DSAAttention(Qwen2Attention):
         return torch.cat(outs, dim=1)  # B, T, Hq, D
 
     def warmup_loss(self, q, k, q_idx, k_idx, w_idx, query_index, key_padding) -> torch.Tensor:
-        """The warm-up indexer loss over full causal rows, query chunk by query chunk."""
+        """The warm-up indexer loss over full causal rows, query chunk by query chunk: the mean over real query
+        rows of `warmup_kl`. With attention.FAST_PATHS its gradient is computed in the same pass
+        (`losses.WarmupLoss`); the reference leaves it to autograd and recomputes each chunk in backward."""
+        if attention.FAST_PATHS:
+            return warmup_loss(q, k, q_idx, k_idx, w_idx, query_index, key_padding, self.scaling)
         S = k.shape[2]
         kl_sum, n_rows = 0.0, 0
         for rows in query_chunks(len(query_index), S):
@@ -162,14 +166,6 @@ class Qwen2DSAAttention(Qwen2Attention):
             counted = query_rows(query_index[rows], key_padding)
             kl_sum, n_rows = kl_sum + (kl * counted).sum(), n_rows + counted.sum()
         return kl_sum / max(n_rows, 1)
-
-
-def query_rows(query_index: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
-    """Which query rows count in the loss mean: the real (non-padding) tokens, B (or 1), C. (Each has at least
-    one allowed key, itself; a padding query may have none.)"""
-    if key_padding is None:
-        return torch.ones(1, len(query_index), dtype=torch.bool, device=query_index.device)
-    return key_padding[:, query_index]
 
 
 @dataclass

@@ -156,6 +156,27 @@ def test_model_fast_paths_equal_reference(mode, topk, monkeypatch):
             assert (model(**inputs, use_cache=False).logits - fast.logits).abs().max() > 1e-2
 
 
+def test_warmup_loss_with_its_gradient_in_the_forward_equals_autograd(monkeypatch):
+    """losses.WarmupLoss against the reference (warmup_kl per chunk, autograd through a checkpoint): the loss
+    and every gradient, with left padding and several query chunks; and the loss alone without grad."""
+    model = dsa.set_mode(gqa_dsa(topk=6), "warmup").train()
+    x = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    inputs = dict(input_ids=x, attention_mask=mask, labels=x, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+    monkeypatch.setattr(dsa.attention, "CHUNK_ELEMENTS", 30 * 4)  # chunks of 4 queries
+    ref, ref_grads = run_model(model, False, monkeypatch, **inputs)
+    fast, fast_grads = run_model(model, True, monkeypatch, **inputs)
+    assert ref.indexer_loss > 1e-3
+    torch.testing.assert_close(fast.indexer_loss, ref.indexer_loss, atol=1e-5, rtol=1e-5)
+    indexer_grads = [name for name in ref_grads if ".indexer." in name]
+    assert indexer_grads and all(ref_grads[name].abs().max() > 0 for name in indexer_grads)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(fast_grads[name], g, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, use_cache=False).indexer_loss, ref.indexer_loss, atol=1e-5, rtol=1e-5)
+
+
 def test_fast_decode_equals_reference_full_forward(monkeypatch):
     model = gqa_dsa(topk=6)
     monkeypatch.setattr(dsa.attention, "TOPK_BLOCK", 2)  # contexts of >= 24 keys take topk_by_blocks
