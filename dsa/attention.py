@@ -7,8 +7,9 @@ A query at cache index i may attend key s iff s <= i and key s is not padding ("
 Two implementations of the same attention: the plain reference (`sparse_attention`: one advanced-indexing
 gather of the selected keys and values, then batched matmuls) and the fast paths the model uses by default
 (`FAST_PATHS`): `sparse_attention_fast` (index_select + embedding_bag, no gathered values; on a GPU at
-inference the Triton kernel of triton_attention.py) and `dense_attention` (SDPA, for queries whose every
-allowed key is selected). The selection likewise: `topk_plain` (torch.topk over every allowed key) and, on the
+inference the Triton kernel of triton_attention.py), `masked_dense_attention` (SDPA under a mask of the
+selected keys, for chunks with few keys) and `dense_attention` (SDPA, for queries whose every allowed key is
+selected). The selection likewise: `topk_plain` (torch.topk over every allowed key) and, on the
 fast path, `topk_by_blocks` (the same keys through a top-k of block maxima first), after `index_scores_fast`
 and `mask_disallowed_`. Tests hold them equal.
 """
@@ -26,6 +27,7 @@ CHUNK_ELEMENTS = 1 << 20
 # The model runs the fast paths below; False runs the reference path everywhere (tests compare the two).
 FAST_PATHS = True
 FAST_BLOCK = 16  # queries per block in sparse_attention_fast
+MASKED_DENSE_KEYS = 5  # fast path: a chunk with at most this many times k keys runs `masked_dense_attention`
 TOPK_BLOCK = 8  # keys per block in topk_by_blocks
 NEG = torch.finfo(torch.float32).min  # a finite "minus infinity" for masked logits
 
@@ -221,16 +223,31 @@ def sparse_attention_fast(q, k, v, indices, valid, scaling: float) -> torch.Tens
     return out.view(B, T, Hq, D)
 
 
+def masked_dense_attention(q, k, v, indices, valid, scaling: float) -> torch.Tensor:
+    """`sparse_attention` (same contract and result) as dense attention (SDPA) under a mask of the selected keys.
+
+    Per query it costs all S keys instead of k gathered ones, but at dense-kernel speed: on the 2-core CPU of
+    docs/performance.md it is 3x cheaper than `sparse_attention_fast` at S = 2k, 2x at S = 4k, and breaks even
+    near S = 5.5k (k = 512, Qwen2.5-0.5B heads); hence MASKED_DENSE_KEYS. Memory: one B x T x S bool mask.
+    """
+    B, T, _ = indices.shape
+    selected = torch.zeros(B, T, k.shape[2], dtype=torch.bool, device=q.device).scatter_(-1, indices, valid)
+    return dense_attention(q, k, v, selected, scaling)
+
+
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def fast_sparse_attention_for(q: torch.Tensor):
-    """The sparse attention the fast path uses for q: on a GPU at inference the Triton kernel
-    (dsa/triton_attention.py, if triton is installed and head_dim is a power of two >= 16), else
-    `sparse_attention_fast`. Both have the contract of `sparse_attention`."""
+def fast_sparse_attention_for(q: torch.Tensor, n_keys: int, topk: int):
+    """The sparse attention the fast path uses for queries q over n_keys keys: `masked_dense_attention` when
+    n_keys <= MASKED_DENSE_KEYS * topk; else on a GPU at inference the Triton kernel (dsa/triton_attention.py,
+    if triton is installed and head_dim is a power of two >= 16), else `sparse_attention_fast`. All have the
+    contract of `sparse_attention`."""
     D = q.shape[-1]
+    if n_keys <= MASKED_DENSE_KEYS * topk:
+        return masked_dense_attention
     if q.is_cuda and not torch.is_grad_enabled() and triton_available() and D >= 16 and D & (D - 1) == 0:
         from .triton_attention import sparse_attention_triton
 

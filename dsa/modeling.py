@@ -121,14 +121,14 @@ class Qwen2DSAAttention(Qwen2Attention):
         With attention.FAST_PATHS (the default) a chunk sees only the keys up to its last query (the later
         ones are never allowed), a chunk whose queries have at most k keys is dense attention (top-k would
         select every allowed key; the indexer loss is then over the whole causal row, which is the selected
-        set), and the selected keys are read by `sparse_attention_fast` (or the Triton kernel on a GPU at
-        inference: `attention.fast_sparse_attention_for`). Otherwise: the reference path.
+        set), and the selected keys are attended by `attention.fast_sparse_attention_for`: masked dense attention
+        in a chunk of at most MASKED_DENSE_KEYS * k keys, else `sparse_attention_fast` (or the Triton kernel on a
+        GPU at inference). Otherwise: the reference path.
         """
         S, T = k.shape[2], len(query_index)  # query_index = S - T, ..., S - 1
         fast = attention.FAST_PATHS
         if fast:
             k, v = attention.per_head_contiguous(k), attention.per_head_contiguous(v)
-        attend = attention.fast_sparse_attention_for(q) if fast else attention.sparse_attention
         outs, kl_sum, n_rows = [], 0.0, 0
         for rows in query_chunks(T, S):
             n_keys = S - T + rows.stop if fast else S
@@ -142,6 +142,7 @@ class Qwen2DSAAttention(Qwen2Attention):
                     kl = maybe_checkpoint(warmup_kl, q_c, k_c, q_idx_c, k_idx_c, w_idx_c, allowed, self.scaling)
             else:
                 indices, valid = select_topk(q_idx_c, k_idx_c, w_idx_c, query_index[rows], padding, self.topk, fast)  # B, C, K
+                attend = attention.fast_sparse_attention_for(q_c, n_keys, self.topk) if fast else attention.sparse_attention
                 outs.append(maybe_checkpoint(attend, q_c, k_c, v_c, indices, valid, self.scaling))
                 if self.training:
                     kl = maybe_checkpoint(sparse_kl, q_c, k_c, q_idx_c, k_idx_c, w_idx_c, indices, valid, self.scaling)

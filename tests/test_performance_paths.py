@@ -1,7 +1,9 @@
 """The fast paths equal the reference path (fp32, 1e-5): outputs, gradients, indexer loss, decode cache.
 
-Fast paths (dsa.attention.FAST_PATHS): `sparse_attention_fast` (index_select + embedding_bag) and
-`dense_attention` (SDPA when each query selects all its allowed keys), keys truncated to each chunk's last
+Fast paths (dsa.attention.FAST_PATHS): `sparse_attention_fast` (index_select + embedding_bag),
+`masked_dense_attention` (SDPA under a mask of the selected keys, for chunks with few keys) and
+`dense_attention` (SDPA when each query selects all its allowed keys), the fast selection, the warm-up loss
+with its gradient computed in the forward pass, keys truncated to each chunk's last
 query. Reference: `sparse_attention` over all keys. Decode cache: `GrowingIndexedLayer` against
 transformers' `DynamicIndexedLayer` (torch.cat).
 """
@@ -17,6 +19,7 @@ from dsa.attention import (
     allowed_keys,
     break_zero_ties,
     dense_attention,
+    masked_dense_attention,
     select_topk,
     sparse_attention,
     sparse_attention_fast,
@@ -53,12 +56,13 @@ def grads(out: torch.Tensor, *inputs: torch.Tensor) -> list[torch.Tensor]:
     return torch.autograd.grad((out * weights).sum(), inputs)
 
 
+@pytest.mark.parametrize("attend", [sparse_attention_fast, masked_dense_attention])
 @pytest.mark.parametrize("T,S,K", [(7, 20, 5), (1, 20, 5), (12, 12, 4)])
-def test_sparse_attention_fast_equals_reference_with_gradients(T, S, K):
+def test_fast_sparse_attention_equals_reference_with_gradients(T, S, K, attend):
     q, k, v, _, indices, valid = random_selection(T=T, S=S, K=K)
     assert not valid.all()  # some slots are invalid (padding, rows with fewer than K keys)
     ref = sparse_attention(q, k, v, indices, valid, 0.3)
-    fast = sparse_attention_fast(q, k, v, indices, valid, 0.3)
+    fast = attend(q, k, v, indices, valid, 0.3)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads(fast, q, k, v), grads(ref, q, k, v)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -140,6 +144,7 @@ def test_model_fast_paths_equal_reference(mode, topk, monkeypatch):
     inputs = dict(input_ids=x, attention_mask=mask, labels=x, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
     monkeypatch.setattr(dsa.attention, "CHUNK_ELEMENTS", 30 * 4)  # chunks of 4 queries: the first are dense
     monkeypatch.setattr(dsa.attention, "TOPK_BLOCK", 2)  # rows of >= 24 keys take topk_by_blocks
+    monkeypatch.setattr(dsa.attention, "MASKED_DENSE_KEYS", 2)  # chunks of <= 12 keys: masked_dense_attention
     with torch.set_grad_enabled(mode == "train"):
         ref, ref_grads = run_model(model, False, monkeypatch, **inputs)
         fast, fast_grads = run_model(model, True, monkeypatch, **inputs)
@@ -177,9 +182,11 @@ def test_warmup_loss_with_its_gradient_in_the_forward_equals_autograd(monkeypatc
         torch.testing.assert_close(model(**inputs, use_cache=False).indexer_loss, ref.indexer_loss, atol=1e-5, rtol=1e-5)
 
 
-def test_fast_decode_equals_reference_full_forward(monkeypatch):
+@pytest.mark.parametrize("masked_dense_keys", [2, 5])  # contexts of > 12 keys: sparse_attention_fast, or none
+def test_fast_decode_equals_reference_full_forward(masked_dense_keys, monkeypatch):
     model = gqa_dsa(topk=6)
     monkeypatch.setattr(dsa.attention, "TOPK_BLOCK", 2)  # contexts of >= 24 keys take topk_by_blocks
+    monkeypatch.setattr(dsa.attention, "MASKED_DENSE_KEYS", masked_dense_keys)
     x = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         monkeypatch.setattr(dsa.attention, "FAST_PATHS", False)
