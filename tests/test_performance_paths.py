@@ -110,6 +110,17 @@ def test_fast_selection_selects_what_the_reference_selects(T, S, monkeypatch):
     assert torch.equal(valid, allowed_keys(query_index, padding, S).expand(B, T, S).gather(-1, indices))
 
 
+def test_scratch_reuses_its_buffer_until_a_chunk_needs_more():
+    scratch = dsa.attention.Scratch()
+    first = scratch.tensor("scores", (2, 3), torch.float32, "cpu")
+    smaller = scratch.tensor("scores", (5,), torch.float32, "cpu")
+    assert smaller.data_ptr() == first.data_ptr() and smaller.shape == (5,)
+    larger = scratch.tensor("scores", (4, 4), torch.float32, "cpu")
+    assert larger.shape == (4, 4) and scratch.buffers["scores"].numel() == 32  # grown to twice the size asked
+    assert scratch.tensor("scores", (4, 8), torch.float32, "cpu").data_ptr() == larger.data_ptr()
+    assert scratch.tensor("scores", (2,), torch.bfloat16, "cpu").dtype == torch.bfloat16  # another dtype: a new buffer
+
+
 def test_dense_attention_equals_sparse_gather_when_every_allowed_key_is_selected():
     q, k, v, allowed, _, _ = random_selection(T=12, S=12)
     assert not allowed[1, 0].any()  # a padding query with no key at all
