@@ -162,16 +162,20 @@ def index_scores_fast(q_idx, k_idx, w_idx, scratch: Scratch | None = None) -> to
     in place, then the weighted sum over heads as a batched matmul (w[t] (1 x H_I) @ relu(logits[t]) (H_I x S)).
     A single query (decoding) multiplies the other way round, k_idx @ q^T, which streams the S x d_I indexer
     keys once, in order (the cost of a decode step). With a `Scratch`, logits and scores are written into its
-    buffers (the scores stay valid until the next call with the same scratch)."""
+    buffers (the scores stay valid until the next call with the same scratch). Under autocast the logits keep
+    the inputs' dtype and the scores are fp32, as without it."""
     B, T, H, d = q_idx.shape
     S = k_idx.shape[1]
-    if T == 1:
-        logits = torch.matmul(k_idx, q_idx.view(B, H, d).transpose(1, 2)).relu_()  # B, S, H
-        return torch.matmul(logits.float(), w_idx.reshape(B, H, 1)).view(B, 1, -1)
-    out = {} if scratch is None else {"out": scratch.tensor("index_logits", (B, T * H, S), q_idx.dtype, q_idx.device)}
-    logits = torch.matmul(q_idx.reshape(B, T * H, d), k_idx.transpose(1, 2), **out).relu_()  # B, T * H, S
-    out = {} if scratch is None else {"out": scratch.tensor("index_scores", (B, T, 1, S), torch.float32, q_idx.device)}
-    return torch.matmul(w_idx.reshape(B, T, 1, H), logits.view(B, T, H, S).float(), **out).view(B, T, S)
+    dtype = torch.promote_types(q_idx.dtype, k_idx.dtype)
+    q_idx, k_idx, w_idx = q_idx.to(dtype), k_idx.to(dtype), w_idx.float()
+    with torch.autocast(q_idx.device.type, enabled=False):  # the head sum stays fp32 under autocast
+        if T == 1:
+            logits = torch.matmul(k_idx, q_idx.view(B, H, d).transpose(1, 2)).relu_()  # B, S, H
+            return torch.matmul(logits.float(), w_idx.reshape(B, H, 1)).view(B, 1, -1)
+        out = {} if scratch is None else {"out": scratch.tensor("index_logits", (B, T * H, S), dtype, q_idx.device)}
+        logits = torch.matmul(q_idx.reshape(B, T * H, d), k_idx.transpose(1, 2), **out).relu_()  # B, T * H, S
+        out = {} if scratch is None else {"out": scratch.tensor("index_scores", (B, T, 1, S), torch.float32, q_idx.device)}
+        return torch.matmul(w_idx.reshape(B, T, 1, H), logits.view(B, T, H, S).float(), **out).view(B, T, S)
 
 
 def gather_keys(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -23,3 +23,15 @@ def test_indexer_loss_under_bf16_autocast(mode):
     torch.testing.assert_close(out.indexer_loss.float(), fp32, atol=0.05, rtol=0.05)
     grads = [p.grad for name, p in model.named_parameters() if ".indexer." in name]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_fast_index_scores_are_fp32_under_autocast():
+    """The fast path's selection scores: fp32 head sum under bf16 autocast, as without it (with a Scratch too)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, w = torch.randn(1, 5, 2, 8, generator=g).bfloat16(), torch.randn(1, 9, 8, generator=g).bfloat16(), torch.randn(1, 5, 2, generator=g)
+    plain = dsa.attention.index_scores_fast(q, k, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for scratch in (None, dsa.attention.Scratch()):
+            scores = dsa.attention.index_scores_fast(q, k, w, scratch)
+            assert scores.dtype == torch.float32
+            torch.testing.assert_close(scores, plain, atol=0, rtol=0)
