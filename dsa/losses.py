@@ -33,9 +33,13 @@ def attention_target(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tenso
     return p / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
 
-def kl_rows(target: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """KL(target || softmax(scores)) over the allowed keys of each row. All B, T, R -> B, T."""
-    log_q = F.log_softmax(scores.float().masked_fill(~allowed, NEG), dim=-1).masked_fill(~allowed, 0.0)
+def masked_log_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """log softmax(scores) over the allowed keys of each row (fp32), 0 at the others. B, T, R -> B, T, R."""
+    return F.log_softmax(scores.float().masked_fill(~allowed, NEG), dim=-1).masked_fill(~allowed, 0.0)
+
+
+def kl_rows(target: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(target || q) per row, from log q = `masked_log_softmax` (masked keys contribute 0). B, T, R -> B, T."""
     return (torch.xlogy(target, target) - target * log_q).sum(dim=-1)
 
 
@@ -55,7 +59,7 @@ def warmup_kl(q, k, q_idx, k_idx, w_idx, allowed, scaling: float) -> torch.Tenso
     q: B, Hq, T, D; k: B, Hkv, S, D; q_idx: B, T, H_I, d_I; k_idx: B, S, d_I; w_idx: B, T, H_I;
     allowed: B, T, S  ->  KL per row: B, T.
     """
-    return kl_rows(dense_target(q, k, allowed, scaling), index_scores(q_idx, k_idx, w_idx), allowed)
+    return kl_rows(dense_target(q, k, allowed, scaling), masked_log_softmax(index_scores(q_idx, k_idx, w_idx), allowed))
 
 
 def query_rows(query_index: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
@@ -92,10 +96,10 @@ class WarmupLoss(torch.autograd.Function):
             target = dense_target(q[:, :, rows], k, allowed, scaling)  # B, C, S
             logits = torch.einsum("bthd,bsd->bths", q_idx[:, rows], k_idx)  # B, C, H_I, S
             relu = F.relu(logits).float()
-            scores = torch.einsum("bths,bth->bts", relu, w_idx[:, rows]).float()  # B, C, S (bf16 under autocast)
-            log_q = F.log_softmax(scores.masked_fill(~allowed, NEG), dim=-1).masked_fill(~allowed, 0.0)
+            scores = torch.einsum("bths,bth->bts", relu, w_idx[:, rows])  # B, C, S
+            log_q = masked_log_softmax(scores, allowed)  # fp32 (scores are bf16 under autocast)
             weight = counted[:, rows, None] / n_rows  # B|1, C, 1
-            loss += ((torch.xlogy(target, target) - target * log_q).sum(dim=-1, keepdim=True) * weight).sum()
+            loss += (kl_rows(target, log_q)[..., None] * weight).sum()
             if not any(wanted):
                 continue
             d_scores = (log_q.exp() * allowed - target) * weight  # B, C, S
@@ -136,4 +140,4 @@ def sparse_kl(q, k, q_idx, k_idx, w_idx, indices, valid, scaling: float) -> torc
         logits = grouped_logits(q.detach().float(), gather_keys(k.detach().float(), indices), scaling)
         logits = logits.permute(0, 1, 3, 2, 4).reshape(B, Hq, T, -1)  # B, Hq, T, K
         target = attention_target(logits, valid)
-    return kl_rows(target, selected_index_scores(q_idx, k_idx, w_idx, indices), valid)
+    return kl_rows(target, masked_log_softmax(selected_index_scores(q_idx, k_idx, w_idx, indices), valid))
