@@ -10,7 +10,7 @@ gather of the selected keys and values, then batched matmuls) and the fast paths
 inference the Triton kernel of triton_attention.py), `masked_dense_attention` (SDPA under a mask of the
 selected keys, for chunks with few keys) and `dense_attention` (SDPA, for queries whose every allowed key is
 selected). The selection likewise: `topk_plain` (torch.topk over every allowed key) and, on the
-fast path, `topk_by_blocks` (the same keys through a top-k of block maxima first), after `index_scores_fast`
+fast path, `topk_by_blocks` (the same keys through a top-k of group maxima first), after `index_scores_fast`
 and `mask_disallowed_`. Tests hold them equal.
 """
 
@@ -29,7 +29,7 @@ CHUNK_ELEMENTS = 1 << 20
 FAST_PATHS = True
 FAST_BLOCK = 16  # queries per block in sparse_attention_fast
 MASKED_DENSE_KEYS = 5  # fast path: a chunk with at most this many times k keys runs `masked_dense_attention`
-TOPK_BLOCK = 8  # keys per block in topk_by_blocks
+TOPK_BLOCK = 8  # keys per group in topk_by_blocks
 NEG = torch.finfo(torch.float32).min  # a finite "minus infinity" for masked logits
 
 
@@ -135,23 +135,25 @@ def topk_plain(scores: torch.Tensor, k: int) -> torch.Tensor:
 def topk_by_blocks(scores: torch.Tensor, k: int, block: int | None = None) -> torch.Tensor:
     """`topk_plain` (the same set of values) with fewer elements through torch.topk, for long rows.
 
-    The k largest entries of a row all lie in the k blocks (of `block` consecutive entries) with the largest
-    maxima, or in the tail after the last full block: an entry of any other block is exceeded by the maximum
-    of each of those k blocks. So: block maxima (one pass), top-k of the S / block maxima, then top-k of the
-    k * block (+ tail) candidates, instead of top-k of all S entries. Rows shorter than 2 * k * block go to
-    `topk_plain`. Equal values may be picked at other positions than `topk_plain` picks them.
+    Split a row's first n * block entries into n groups of `block` (group j: entries j, j + n, j + 2n, ...;
+    strided, so that the group maxima are an elementwise max of `block` contiguous slices) and keep the rest
+    as a tail. The k largest entries of a row all lie in the k groups with the largest maxima, or in the
+    tail: an entry of any other group is exceeded by the maximum of each of those k groups. So: group maxima
+    (one pass), top-k of the n maxima, then top-k of the k * block (+ tail) candidates, instead of top-k of
+    all S entries. Rows shorter than 2 * k * block go to `topk_plain`. Equal values may be picked at other
+    positions than `topk_plain` picks them.
     """
     block = block or TOPK_BLOCK
     *lead, S = scores.shape
-    n_blocks = S // block
-    if n_blocks < 2 * k:
+    n = S // block
+    if n < 2 * k:
         return topk_plain(scores, k)
-    maxima = scores[..., : n_blocks * block].unflatten(-1, (n_blocks, block)).amax(dim=-1)  # ..., n_blocks
-    top_blocks = maxima.topk(k, dim=-1, sorted=False).indices  # ..., k
-    offsets = torch.arange(block, device=scores.device)
-    candidates = (top_blocks[..., None] * block + offsets).flatten(-2)  # ..., k * block
-    if S > n_blocks * block:
-        tail = torch.arange(n_blocks * block, S, device=scores.device).expand(*lead, -1)
+    maxima = scores[..., : n * block].unflatten(-1, (block, n)).amax(dim=-2)  # ..., n
+    top_groups = maxima.topk(k, dim=-1, sorted=False).indices  # ..., k
+    members = torch.arange(block, device=scores.device) * n
+    candidates = (top_groups[..., None] + members).flatten(-2)  # ..., k * block
+    if S > n * block:
+        tail = torch.arange(n * block, S, device=scores.device).expand(*lead, -1)
         candidates = torch.cat([candidates, tail], dim=-1)
     picked = scores.gather(-1, candidates).topk(k, dim=-1, sorted=False).indices
     return candidates.gather(-1, picked)
