@@ -1,10 +1,13 @@
 """Speed and memory of DSA against stock Qwen2 (SDPA) and a mask-based DSA, at Qwen2.5-0.5B shapes.
 
     uv run python bench/dsa_bench.py --out bench/results/cpu.json                 # everything (long)
-    uv run python bench/dsa_bench.py --out /tmp/b.json --prefill 2048 --decode 4096 --runs 1 --no-train
+    uv run python bench/dsa_bench.py --out /tmp/b.json --kinds prefill,decode --prefill 2048 --decode 4096 --runs 1
+    uv run python bench/dsa_bench.py --out /tmp/p.json --kinds prefill --prefill 16384 --runs 1 --rounds 3
 
-Every figure (one variant at one length) is measured in its own fresh process, with the baselines in the
-same invocation. Models have random weights (timing does not depend on them) with the attention shapes of
+Every figure (one variant at one length) is measured in fresh processes (--rounds of them, each timing
+--runs runs; the figure is the median over all runs), with the baselines in the same invocation: the
+variants of one length run back to back, taking turns round by round, so that the machine's drift over
+minutes (10-20% on the shared CPU of docs/performance.md) hits them alike. Models have random weights (timing does not depend on them) with the attention shapes of
 Qwen2.5-0.5B: hidden 896, 14 query heads, 2 KV heads, head_dim 64, MLP 4864, vocab 151936, tied
 embeddings; DSA indexer 4 heads x 64, RoPE on 32 features, k = 512. No grad unless stated.
 
@@ -240,22 +243,41 @@ def device_name() -> str:
 def figures(args) -> list[dict]:
     specs = []
     for kind in ("prefill", "prefill-attention"):
-        if kind == "prefill-attention" and not args.attention_only:
-            continue
         for length in args.prefill:
             for variant in ("stock", "dsa", "mask"):
                 if variant == "mask" and length > args.mask_max:
                     continue
                 specs.append(dict(kind=kind, variant=variant, length=length, layers=args.prefill_layers, runs=args.runs))
     for kind in ("decode", "decode-attention"):
-        if kind == "decode-attention" and not args.attention_only:
-            continue
         for length in args.decode:
             for variant, cache in (("stock", "static"), ("stock", "dynamic"), ("dsa", "dsa"), ("mask", "dsa")):
                 specs.append(dict(kind=kind, variant=variant, cache=cache, length=length, layers=args.decode_layers, warm=args.warm, steps=args.steps))
     if args.train_length:
         specs.append(dict(kind="train", variant="dsa", length=args.train_length, layers=args.prefill_layers))
     return [{**spec, "threads": args.threads} for spec in specs if args.kinds is None or spec["kind"] in args.kinds]
+
+
+def figure_groups(specs: list[dict]) -> list[list[dict]]:
+    """Consecutive figures of the same kind and length (the variants compared with each other)."""
+    groups = []
+    for spec in specs:
+        if groups and (groups[-1][0]["kind"], groups[-1][0]["length"]) == (spec["kind"], spec["length"]):
+            groups[-1].append(spec)
+        else:
+            groups.append([spec])
+    return groups
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One figure from its rounds (processes): every run's times, the median over all of them, and each
+    round's median CPU time. The first failed round, if any, stands for the figure."""
+    failed = [r for r in rounds if r["status"] != "ok"]
+    if failed:
+        return failed[0]
+    wall = [t for r in rounds for t in r["times_s"]]
+    cpu = [t for r in rounds for t in r["cpu_s"]]
+    merged = {**rounds[0], **summary(list(zip(wall, cpu)))}
+    return {**merged, "rounds": len(rounds), "round_median_cpu_s": [r["median_cpu_s"] for r in rounds]}
 
 
 def run_in_subprocess(spec: dict, timeout: int, env: dict | None = None) -> dict:
@@ -278,13 +300,12 @@ def main() -> None:
     parser.add_argument("--decode", type=ints, default=ints("4096,8192,16384,32768,65536"))
     parser.add_argument("--prefill-layers", type=int, default=2)
     parser.add_argument("--decode-layers", type=int, default=24)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per process")
+    parser.add_argument("--rounds", type=int, default=1, help="processes per figure, the variants of a length taking turns")
     parser.add_argument("--warm", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--mask-max", type=int, default=8192, help="longest prefill for the mask-based strawman")
     parser.add_argument("--train-length", type=int, default=8192, help="0: no training-step figure")
-    parser.add_argument("--no-train", dest="train_length", action="store_const", const=0)
-    parser.add_argument("--no-attention-only", dest="attention_only", action="store_false")
     parser.add_argument("--kinds", type=lambda text: text.split(","), help=f"only these figure kinds, comma-separated: {','.join(KINDS)}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per figure (see docs/performance.md)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per figure")
@@ -307,20 +328,24 @@ def main() -> None:
         "results": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for spec in figures(args):
-        result = run_in_subprocess(spec, args.timeout)
-        if result["status"] == "ok" and "peak_mib" in result and not torch.cuda.is_available():
-            memory = run_in_subprocess({**spec, "runs": 1}, args.timeout, env=MEMORY_ENV)
-            result["peak_mib"] = memory.get("peak_mib")  # None (and the status says why) if that run failed
-            result["memory_status"] = memory["status"]
-        report["results"].append(result)
-        shown = f"{result['median_s']:.4f} s (cpu {result['median_cpu_s']:.4f} s)" if result["status"] == "ok" else result["status"]
-        peak = f", peak {result['peak_mib']:.0f} MiB" if result.get("peak_mib") is not None else ""
-        print(f"{spec['kind']:16} {spec['variant']:5} {spec.get('cache', ''):7} {spec['length']:6}: {shown}{peak}", flush=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        tmp.replace(args.out)  # atomic: a partial suite leaves a valid file
-
+    for group in figure_groups(figures(args)):
+        results = [[] for _ in group]
+        for _ in range(args.rounds):  # the variants of one length take turns, so drift hits them alike
+            for spec, rounds in zip(group, results):
+                rounds.append(run_in_subprocess(spec, args.timeout))
+        for spec, rounds in zip(group, results):
+            result = merge_rounds(rounds)
+            if result["status"] == "ok" and "peak_mib" in result and not torch.cuda.is_available():
+                memory = run_in_subprocess({**spec, "runs": 1}, args.timeout, env=MEMORY_ENV)
+                result["peak_mib"] = memory.get("peak_mib")  # None (and the status says why) if that run failed
+                result["memory_status"] = memory["status"]
+            report["results"].append(result)
+            shown = f"{result['median_s']:.4f} s (cpu {result['median_cpu_s']:.4f} s)" if result["status"] == "ok" else result["status"]
+            peak = f", peak {result['peak_mib']:.0f} MiB" if result.get("peak_mib") is not None else ""
+            print(f"{spec['kind']:16} {spec['variant']:5} {spec.get('cache', ''):7} {spec['length']:6}: {shown}{peak}", flush=True)
+            tmp = args.out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(report, indent=1) + "\n")
+            tmp.replace(args.out)  # atomic: a partial suite leaves a valid file
 
 if __name__ == "__main__":
     main()
