@@ -29,7 +29,7 @@ CHUNK_ELEMENTS = 1 << 20
 FAST_PATHS = True
 FAST_BLOCK = 16  # queries per block in sparse_attention_fast
 MASKED_DENSE_KEYS = 5  # fast path: a chunk with at most this many times k keys runs `masked_dense_attention`
-TOPK_BLOCK = 8  # keys per group in topk_by_blocks
+TOPK_BLOCK = None  # keys per group in topk_by_blocks; None: by row length (`topk_group_size`)
 NEG = torch.finfo(torch.float32).min  # a finite "minus infinity" for masked logits
 
 
@@ -132,6 +132,15 @@ def topk_plain(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1, sorted=False).indices
 
 
+def topk_group_size(n_keys: int, k: int) -> int:
+    """Keys per group for `topk_by_blocks` (0: plain top-k), as measured on the CPU of docs/performance.md
+    (k = 512, 32-128 rows): torch.topk of the whole row is fastest below 12k keys, groups of 4 below 48k,
+    groups of 8 above (a 32K-key row: 222 us plain, 102 us in groups of 4, 89 us in groups of 8)."""
+    if TOPK_BLOCK:
+        return TOPK_BLOCK
+    return 0 if n_keys < 12 * k else 4 if n_keys < 48 * k else 8
+
+
 def topk_by_blocks(scores: torch.Tensor, k: int, block: int | None = None) -> torch.Tensor:
     """`topk_plain` (the same set of values) with fewer elements through torch.topk, for long rows.
 
@@ -140,12 +149,12 @@ def topk_by_blocks(scores: torch.Tensor, k: int, block: int | None = None) -> to
     as a tail. The k largest entries of a row all lie in the k groups with the largest maxima, or in the
     tail: an entry of any other group is exceeded by the maximum of each of those k groups. So: group maxima
     (one pass), top-k of the n maxima, then top-k of the k * block (+ tail) candidates, instead of top-k of
-    all S entries. Rows shorter than 2 * k * block go to `topk_plain`. Equal values may be picked at other
-    positions than `topk_plain` picks them.
+    all S entries. block: default `topk_group_size`; rows with fewer than 2 * k groups go to `topk_plain`.
+    Equal values may be picked at other positions than `topk_plain` picks them.
     """
-    block = block or TOPK_BLOCK
     *lead, S = scores.shape
-    n = S // block
+    block = block or topk_group_size(S, k)
+    n = S // block if block else 0
     if n < 2 * k:
         return topk_plain(scores, k)
     maxima = scores[..., : n * block].unflatten(-1, (block, n)).amax(dim=-2)  # ..., n
@@ -235,6 +244,8 @@ def sparse_attention_fast(q, k, v, indices, valid, scaling: float) -> torch.Tens
     Hkv, K = k.shape[1], indices.shape[-1]
     G = Hq // Hkv
     out = q.new_empty(B, T, Hkv, G, D)
+    q = (q * scaling).view(B, Hkv, G, T, D).transpose(2, 3)  # B, Hkv, T, G, D
+    masked = not bool(valid.all())  # else (as in most long prefills) no mask to apply
     for b in range(B):
         for start in range(0, T, FAST_BLOCK):
             rows = slice(start, min(start + FAST_BLOCK, T))
@@ -243,9 +254,9 @@ def sparse_attention_fast(q, k, v, indices, valid, scaling: float) -> torch.Tens
             bags = idx[:, None, :].expand(C, G, K).reshape(C * G, K)  # each query's keys, once per query head
             for h in range(Hkv):
                 k_sel = k[b, h].index_select(0, idx.reshape(-1)).view(C, K, D)
-                logits = torch.matmul(q[b, h * G : (h + 1) * G, rows].transpose(0, 1), k_sel.transpose(1, 2))  # C, G, K
-                logits = (logits * scaling).float().masked_fill(~mask, NEG)
-                probs = (F.softmax(logits, dim=-1) * mask).to(v.dtype)
+                logits = torch.matmul(q[b, h, rows], k_sel.transpose(1, 2)).float()  # C, G, K
+                probs = F.softmax(logits.masked_fill_(~mask, NEG) if masked else logits, dim=-1)
+                probs = (probs * mask if masked else probs).to(v.dtype)  # a query with no valid key: zeros
                 o = F.embedding_bag(bags, v[b, h], mode="sum", per_sample_weights=probs.reshape(C * G, K))
                 out[b, rows, h] = o.view(C, G, D)
     return out.view(B, T, Hq, D)

@@ -68,11 +68,12 @@ def test_fast_sparse_attention_equals_reference_with_gradients(T, S, K, attend):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("block", [4, 8])  # the group sizes topk_group_size picks
 @pytest.mark.parametrize("S", [64, 67, 203])
-def test_topk_by_blocks_selects_what_torch_topk_selects(S):
-    """Rows long enough for the block path, a tail after the last full block, exact-zero ties broken by
+def test_topk_by_blocks_selects_what_torch_topk_selects(S, block):
+    """Rows long enough for the block path, a tail after the last full group, exact-zero ties broken by
     recency, masked keys, and a row with fewer allowed keys than k."""
-    k, block = 4, 4
+    k = 4
     scores = torch.randn(2, 5, S, generator=torch.Generator().manual_seed(S))
     scores[0, :, ::3] = 0  # ReLU zeros
     scores[0, 0, :] = 0  # a row of zeros only: the k most recent keys win
