@@ -7,9 +7,10 @@
 Every figure (one variant at one length) is measured in fresh processes (--rounds of them, each timing
 --runs runs; the figure is the median over all runs), with the baselines in the same invocation: the
 variants of one length run back to back, taking turns round by round, so that the machine's drift over
-minutes (10-20% on the shared CPU of docs/performance.md) hits them alike. Models have random weights (timing does not depend on them) with the attention shapes of
-Qwen2.5-0.5B: hidden 896, 14 query heads, 2 KV heads, head_dim 64, MLP 4864, vocab 151936, tied
-embeddings; DSA indexer 4 heads x 64, RoPE on 32 features, k = 512. No grad unless stated.
+minutes (10-20% on the shared CPU of docs/performance.md) hits them alike. Models have random weights
+(timing does not depend on them) with the attention shapes of Qwen2.5-0.5B: hidden 896, 14 query heads,
+2 KV heads, head_dim 64, MLP 4864, vocab 151936, tied embeddings; DSA indexer 4 heads x 64, RoPE on 32
+features, k = 512. No grad unless stated.
 
   prefill   model(ids, use_cache=True, logits_to_keep=1) on L tokens, as generate() prefills, with
             --prefill-layers layers. Latency: median of --runs runs after a 256-token warm-up. Peak
@@ -346,6 +347,7 @@ def main() -> None:
             tmp = args.out.with_suffix(".tmp")
             tmp.write_text(json.dumps(report, indent=1) + "\n")
             tmp.replace(args.out)  # atomic: a partial suite leaves a valid file
+
 
 if __name__ == "__main__":
     main()
