@@ -154,9 +154,9 @@ def topk_by_blocks(scores: torch.Tensor, k: int, block: int | None = None) -> to
     """
     *lead, S = scores.shape
     block = block or topk_group_size(S, k)
-    n = S // block if block else 0
-    if n < 2 * k:
+    if not block or S // block < 2 * k:
         return topk_plain(scores, k)
+    n = S // block
     maxima = scores[..., : n * block].unflatten(-1, (block, n)).amax(dim=-2)  # ..., n
     top_groups = maxima.topk(k, dim=-1, sorted=False).indices  # ..., k
     members = torch.arange(block, device=scores.device) * n
@@ -245,7 +245,8 @@ def sparse_attention_fast(q, k, v, indices, valid, scaling: float) -> torch.Tens
     G = Hq // Hkv
     out = q.new_empty(B, T, Hkv, G, D)
     q = (q * scaling).view(B, Hkv, G, T, D).transpose(2, 3)  # B, Hkv, T, G, D
-    masked = not bool(valid.all())  # else (as in most long prefills) no mask to apply
+    # On CPU, no mask work when every slot is valid (long prefills); on a GPU that check would be a sync.
+    masked = q.is_cuda or not bool(valid.all())
     for b in range(B):
         for start in range(0, T, FAST_BLOCK):
             rows = slice(start, min(start + FAST_BLOCK, T))
