@@ -27,7 +27,7 @@ from .indexer import index_scores
 CHUNK_ELEMENTS = 1 << 20
 # The model runs the fast paths below; False runs the reference path everywhere (tests compare the two).
 FAST_PATHS = True
-FAST_BLOCK = 16  # queries per block in sparse_attention_fast
+FAST_BLOCK = 32  # queries per block in sparse_attention_fast
 MASKED_DENSE_KEYS = 5  # fast path: a chunk with at most this many times k keys runs `masked_dense_attention`
 TOPK_BLOCK = None  # keys per group in topk_by_blocks; None: by row length (`topk_group_size`)
 NEG = torch.finfo(torch.float32).min  # a finite "minus infinity" for masked logits
@@ -231,14 +231,16 @@ def per_head_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
 
 
-def sparse_attention_fast(q, k, v, indices, valid, scaling: float) -> torch.Tensor:
+def sparse_attention_fast(q, k, v, indices, valid, scaling: float, scratch: Scratch | None = None) -> torch.Tensor:
     """`sparse_attention` (same contract and result) without gathering the values, or the keys of all heads at once.
 
-    Per batch row, KV head and block of FAST_BLOCK queries (their gathered keys stay in cache): the selected
-    keys by index_select (a row copy, several times faster than advanced indexing on CPU), the G query heads'
-    logits by one batched matmul, and the output sum_j probs[j] * v[indices[j]] by
-    embedding_bag(mode="sum", per_sample_weights=probs), which reads the selected value rows without
-    materializing them. k and v need contiguous heads (`per_head_contiguous`).
+    Per batch row, KV head and block of FAST_BLOCK queries: the selected keys by index_select (a row copy,
+    several times faster than advanced indexing on CPU), the G query heads' logits by one batched matmul, and
+    the output sum_j probs[j] * v[indices[j]] by embedding_bag(mode="sum", per_sample_weights=probs), which
+    reads the selected value rows without materializing them. k and v need contiguous heads
+    (`per_head_contiguous`). scratch: with autograd off, the blocks' selected keys (FAST_BLOCK * K * D, 4 MB
+    at k = 512, D = 64) go into one of its buffers instead of a fresh tensor per block, whose page faults on
+    CPU cost up to a third of the attention.
     """
     B, Hq, T, D = q.shape
     Hkv, K = k.shape[1], indices.shape[-1]
@@ -247,14 +249,16 @@ def sparse_attention_fast(q, k, v, indices, valid, scaling: float) -> torch.Tens
     q = (q * scaling).view(B, Hkv, G, T, D).transpose(2, 3)  # B, Hkv, T, G, D
     # On CPU, no mask work when every slot is valid (long prefills); on a GPU that check would be a sync.
     masked = q.is_cuda or not bool(valid.all())
+    reuse = scratch is not None and not torch.is_grad_enabled()  # autograd would keep k_sel for backward
     for b in range(B):
         for start in range(0, T, FAST_BLOCK):
             rows = slice(start, min(start + FAST_BLOCK, T))
             idx, mask = indices[b, rows], valid[b, rows, None, :]  # C, K and C, 1, K
             C = idx.shape[0]
             bags = idx[:, None, :].expand(C, G, K).reshape(C * G, K)  # each query's keys, once per query head
+            buffer = {"out": scratch.tensor("selected_keys", (C * K, D), k.dtype, k.device)} if reuse else {}
             for h in range(Hkv):
-                k_sel = k[b, h].index_select(0, idx.reshape(-1)).view(C, K, D)
+                k_sel = torch.index_select(k[b, h], 0, idx.reshape(-1), **buffer).view(C, K, D)
                 logits = torch.matmul(q[b, h, rows], k_sel.transpose(1, 2)).float()  # C, G, K
                 probs = F.softmax(logits.masked_fill_(~mask, NEG) if masked else logits, dim=-1)
                 probs = (probs * mask if masked else probs).to(v.dtype)  # a query with no valid key: zeros
@@ -280,11 +284,11 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def fast_sparse_attention_for(q: torch.Tensor, n_keys: int, topk: int):
+def fast_sparse_attention_for(q: torch.Tensor, n_keys: int, topk: int, scratch: Scratch | None = None):
     """The sparse attention the fast path uses for queries q over n_keys keys: `masked_dense_attention` when
     n_keys <= MASKED_DENSE_KEYS * topk; else on a GPU at inference the Triton kernel (dsa/triton_attention.py,
-    if triton is installed and head_dim is a power of two >= 16), else `sparse_attention_fast`. All have the
-    contract of `sparse_attention`."""
+    if triton is installed and head_dim is a power of two >= 16), else `sparse_attention_fast` (with `scratch`
+    for its buffer). All have the contract of `sparse_attention`."""
     D = q.shape[-1]
     if n_keys <= MASKED_DENSE_KEYS * topk:
         return masked_dense_attention
@@ -292,7 +296,7 @@ def fast_sparse_attention_for(q: torch.Tensor, n_keys: int, topk: int):
         from .triton_attention import sparse_attention_triton
 
         return sparse_attention_triton
-    return sparse_attention_fast
+    return functools.partial(sparse_attention_fast, scratch=scratch)
 
 
 def dense_attention(q, k, v, allowed: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -130,7 +130,7 @@ class Qwen2DSAAttention(Qwen2Attention):
         if fast:
             k, v = attention.per_head_contiguous(k), attention.per_head_contiguous(v)
         outs, kl_sum, n_rows = [], 0.0, 0
-        scratch = attention.Scratch() if fast else None  # the chunks' index scores reuse its buffers
+        scratch = attention.Scratch() if fast else None  # the chunks reuse its buffers (index scores, selected keys)
         for rows in query_chunks(T, S):
             n_keys = S - T + rows.stop if fast else S
             k_c, v_c, k_idx_c = k[:, :, :n_keys], v[:, :, :n_keys], k_idx[:, :n_keys]
@@ -143,7 +143,7 @@ class Qwen2DSAAttention(Qwen2Attention):
                     kl = maybe_checkpoint(warmup_kl, q_c, k_c, q_idx_c, k_idx_c, w_idx_c, allowed, self.scaling)
             else:
                 indices, valid = select_topk(q_idx_c, k_idx_c, w_idx_c, query_index[rows], padding, self.topk, fast, scratch)  # B, C, K
-                attend = attention.fast_sparse_attention_for(q_c, n_keys, self.topk) if fast else attention.sparse_attention
+                attend = attention.fast_sparse_attention_for(q_c, n_keys, self.topk, scratch) if fast else attention.sparse_attention
                 outs.append(maybe_checkpoint(attend, q_c, k_c, v_c, indices, valid, self.scaling))
                 if self.training:
                     kl = maybe_checkpoint(sparse_kl, q_c, k_c, q_idx_c, k_idx_c, w_idx_c, indices, valid, self.scaling)

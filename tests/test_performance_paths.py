@@ -68,6 +68,23 @@ def test_fast_sparse_attention_equals_reference_with_gradients(T, S, K, attend):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("T", [7, 12])
+def test_fast_sparse_attention_in_blocks_with_a_reused_key_buffer(T, monkeypatch):
+    """Several query blocks (the last one partial) sharing one selected-key buffer from a Scratch (autograd off),
+    and the same call with autograd on, where the buffer is not used: both equal the reference."""
+    monkeypatch.setattr(dsa.attention, "FAST_BLOCK", 3)
+    q, k, v, _, indices, valid = random_selection(T=T, S=20, K=5)
+    ref = sparse_attention(q, k, v, indices, valid, 0.3)
+    scratch = dsa.attention.Scratch()
+    with torch.no_grad():
+        fast = sparse_attention_fast(q, k, v, indices, valid, 0.3, scratch=scratch)
+    assert scratch.buffers["selected_keys"].numel() == 2 * 3 * 5 * 8  # one block's keys, twice over (Scratch)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    with_grad = sparse_attention_fast(q, k, v, indices, valid, 0.3, scratch=dsa.attention.Scratch())
+    for a, b in zip(grads(with_grad, q, k, v), grads(ref, q, k, v)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("block", [4, 8])  # the group sizes topk_group_size picks
 @pytest.mark.parametrize("S", [64, 67, 203])
 def test_topk_by_blocks_selects_what_torch_topk_selects(S, block):
