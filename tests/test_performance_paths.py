@@ -19,6 +19,7 @@ from dsa.attention import (
     allowed_keys,
     break_zero_ties,
     dense_attention,
+    index_scores_fast,
     masked_dense_attention,
     select_topk,
     sparse_attention,
@@ -27,6 +28,7 @@ from dsa.attention import (
     topk_plain,
 )
 from dsa.cache import GrowingIndexedLayer
+from dsa.indexer import index_scores
 from tiny_models import tiny_dsa, tiny_qwen2
 
 VOCAB = 96
@@ -107,12 +109,31 @@ def test_topk_by_blocks_selects_what_torch_topk_selects(S, block):
     assert torch.equal(fast[0, 0].sort().values, torch.arange(S - k, S))
 
 
+@pytest.mark.parametrize("tile_elements", [2**40, 27 * 16, 27 * 70 - 1])  # one tile; 16 keys a tile (the last 6); 69 and 1
+def test_fast_index_scores_in_key_tiles_equal_the_reference(tile_elements, monkeypatch):
+    """index_scores_fast computes the logits tile by tile (at most TILE_ELEMENTS = T * H_I * tile each) into
+    one Scratch buffer and writes each tile's head sum into its columns: every score as `index_scores`, for
+    each batch row, and the same Scratch serves a second call with other shapes."""
+    monkeypatch.setattr(dsa.attention, "TILE_ELEMENTS", tile_elements)
+    g = torch.Generator().manual_seed(5)
+    scratch = dsa.attention.Scratch()
+    for T, S in [(9, 70), (4, 30)]:  # T * H_I = 27, then 12
+        q_idx, k_idx, w_idx = torch.randn(2, T, 3, 8, generator=g), torch.randn(2, S, 8, generator=g), torch.randn(2, T, 3, generator=g)
+        ref = index_scores(q_idx, k_idx, w_idx)
+        assert (ref == 0).any() and (ref != 0).any()  # ReLU zeros and real scores
+        torch.testing.assert_close(index_scores_fast(q_idx, k_idx, w_idx, scratch), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(index_scores_fast(q_idx, k_idx, w_idx), ref, atol=1e-5, rtol=1e-5)
+    tile = min(tile_elements // 27, 70)
+    assert scratch.buffers["index_logits"].numel() == 2 * 2 * 27 * tile  # the largest tile's logits, twice (Scratch)
+
+
 @pytest.mark.parametrize("T,S", [(1, 70), (9, 9), (9, 70)])  # a decode step, a first chunk, a later chunk
 def test_fast_selection_selects_what_the_reference_selects(T, S, monkeypatch):
     """select_topk(fast=True): index_scores_fast, the in-place tie break and masks (`mask_disallowed_`, the
     queries' last one at key S - 1) and topk_by_blocks, against the reference, with padding, ReLU zeros
     (ties) and a row with fewer allowed keys than k. Same keys, same validity."""
     monkeypatch.setattr(dsa.attention, "TOPK_BLOCK", 2)  # rows of >= 4 * K keys take the block path
+    monkeypatch.setattr(dsa.attention, "TILE_ELEMENTS", T * 3 * 16)  # index logits in tiles of 16 keys
     g = torch.Generator().manual_seed(S + T)
     B, H, d, K = 2, 3, 8, 6
     q_idx, k_idx, w_idx = torch.randn(B, T, H, d, generator=g), torch.randn(B, S, d, generator=g), torch.randn(B, T, H, generator=g)
@@ -173,6 +194,7 @@ def test_model_fast_paths_equal_reference(mode, topk, monkeypatch):
     inputs = dict(input_ids=x, attention_mask=mask, labels=x, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
     monkeypatch.setattr(dsa.attention, "CHUNK_ELEMENTS", 30 * 4)  # chunks of 4 queries: the first are dense
     monkeypatch.setattr(dsa.attention, "TOPK_BLOCK", 2)  # rows of >= 24 keys take topk_by_blocks
+    monkeypatch.setattr(dsa.attention, "TILE_ELEMENTS", 4 * 2 * 7)  # 4 queries x 2 indexer heads: tiles of 7 keys
     monkeypatch.setattr(dsa.attention, "MASKED_DENSE_KEYS", 2)  # chunks of <= 12 keys: masked_dense_attention
     with torch.set_grad_enabled(mode == "train"):
         ref, ref_grads = run_model(model, False, monkeypatch, **inputs)
