@@ -25,7 +25,8 @@ from .indexer import index_scores
 
 # Queries per chunk are chosen so that (queries x keys) stays under this many elements.
 CHUNK_ELEMENTS = 1 << 20
-# The fast path's indexer logits are computed in key tiles of at most this many (query x head x key) elements.
+# On CPU the fast path's indexer logits are computed in key tiles of at most this many (query x head x key)
+# elements (on a GPU in one tile per chunk: its L2 holds a chunk's logits, and each tile costs kernel launches).
 TILE_ELEMENTS = 1 << 19
 # The model runs the fast paths below; False runs the reference path everywhere (tests compare the two).
 FAST_PATHS = True
@@ -172,10 +173,11 @@ def topk_by_blocks(scores: torch.Tensor, k: int, block: int | None = None) -> to
 
 def index_scores_fast(q_idx, k_idx, w_idx, scratch: Scratch | None = None) -> torch.Tensor:
     """`index_scores` without autograd, in tiles of keys: for each tile, one matmul for all indexer heads
-    (B x T*H_I x tile logits, at most TILE_ELEMENTS per batch row), ReLU in place, then the weighted sum over
-    heads as a batched matmul (w[t] (1 x H_I) @ relu(logits[t]) (H_I x tile)) into that tile's columns of the
-    B x T x S scores. A tile's logits are summed while they are still in cache, instead of a B*T*H_I*S tensor
-    written once and read twice (half the time at 16K-32K keys on the CPUs of docs/performance.md).
+    (B x T*H_I x tile logits; on CPU at most TILE_ELEMENTS per batch row, on a GPU one tile), ReLU in place,
+    then the weighted sum over heads as a batched matmul (w[t] (1 x H_I) @ relu(logits[t]) (H_I x tile)) into
+    that tile's columns of the B x T x S scores. A tile's logits are summed while they are still in cache,
+    instead of a B*T*H_I*S tensor written once and read twice (on the AMD EPYC of docs/performance.md, 32 or 64
+    queries at 16K-32K keys: 10-14 ms instead of 19-24 ms).
     A single query (decoding) multiplies the other way round, k_idx @ q^T, which streams the S x d_I indexer
     keys once, in order (the cost of a decode step). With a `Scratch`, logits and scores are written into its
     buffers (the scores stay valid until the next call with the same scratch). Under autocast the logits keep
@@ -191,7 +193,7 @@ def index_scores_fast(q_idx, k_idx, w_idx, scratch: Scratch | None = None) -> to
         scratch = scratch or Scratch()
         scores = scratch.tensor("index_scores", (B * T, S), torch.float32, q_idx.device)
         q_rows, w_rows = q_idx.reshape(B, T * H, d), w_idx.reshape(B * T, 1, H)
-        tile = max(1, TILE_ELEMENTS // (T * H))
+        tile = max(1, TILE_ELEMENTS // (T * H)) if q_idx.device.type == "cpu" else S
         for start in range(0, S, tile):
             keys = slice(start, min(start + tile, S))
             n = keys.stop - start
