@@ -176,8 +176,8 @@ def index_scores_fast(q_idx, k_idx, w_idx, scratch: Scratch | None = None) -> to
     (B x T*H_I x tile logits; on CPU at most TILE_ELEMENTS per batch row, on a GPU one tile), ReLU in place,
     then the weighted sum over heads as a batched matmul (w[t] (1 x H_I) @ relu(logits[t]) (H_I x tile)) into
     that tile's columns of the B x T x S scores. A tile's logits are summed while they are still in cache,
-    instead of a B*T*H_I*S tensor written once and read twice (on the AMD EPYC of docs/performance.md, 32 or 64
-    queries at 16K-32K keys: 10-14 ms instead of 19-24 ms).
+    instead of a B*T*H_I*S tensor written once and read twice (one 32K-token attention-only layer on the AMD
+    EPYC of docs/performance.md: 9-12% less time, `bench/ab_constant.py --name TILE_ELEMENTS`).
     A single query (decoding) multiplies the other way round, k_idx @ q^T, which streams the S x d_I indexer
     keys once, in order (the cost of a decode step). With a `Scratch`, logits and scores are written into its
     buffers (the scores stay valid until the next call with the same scratch). Under autocast the logits keep
