@@ -1,9 +1,9 @@
 """A/B of one `dsa.attention` constant: one model, one process, the two values taking turns.
 
-    uv run python bench/ab_constant.py --name TILE_ELEMENTS --a 1099511627776 --b 524288 --length 32768 --reps 3
+    uv run python bench/ab_constant.py --name TILE_ELEMENTS --a 1099511627776 --b 524288 --length 32768 --reps 3 --attention-only
 
-Same models as bench/dsa_bench.py (random weights, Qwen2.5-0.5B shapes; `--attention-only` by default, as
-prefill-attention). Each rep runs a DSA prefill with value a and with value b (their order alternating, so the
+Same models as bench/dsa_bench.py (random weights, Qwen2.5-0.5B shapes; `--attention-only` as
+prefill-attention, and as in bench/profile_prefill.py). Each rep runs a DSA prefill with value a and with value b (their order alternating, so the
 machine's drift hits both alike) and prints CPU seconds; the end line gives the medians and b / a.
 """
 
@@ -28,13 +28,13 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--whole-model", action="store_true", help="MLP and vocabulary of full size")
+    parser.add_argument("--attention-only", action="store_true", help="MLP and vocabulary shrunk (as prefill-attention)")
     args = parser.parse_args()
     if not hasattr(dsa.attention, args.name):
         sys.exit(f"error: dsa.attention has no constant {args.name!r}")
     torch.set_num_threads(1)
     device, dtype = device_and_dtype()
-    model = build_model("dsa", args.layers, device, dtype, **({} if args.whole_model else ATTENTION_ONLY))
+    model = build_model("dsa", args.layers, device, dtype, **(ATTENTION_ONLY if args.attention_only else {}))
     ids = torch.randint(0, 1000, (1, args.length), device=device)
     cpu_s = {args.a: [], args.b: []}
     print(f"{device_name()}, {args.layers} layer(s) at {args.length} tokens, {args.name} = {args.a} (a) / {args.b} (b)")
