@@ -6,12 +6,12 @@ A query at cache index i may attend key s iff s <= i and key s is not padding ("
 
 Two implementations of the same attention: the plain reference (`sparse_attention`: one advanced-indexing
 gather of the selected keys and values, then batched matmuls) and the fast paths the model uses by default
-(`FAST_PATHS`): `sparse_attention_fast` (index_select + embedding_bag, no gathered values; on a GPU at
-inference the Triton kernel of triton_attention.py), `masked_dense_attention` (SDPA under a mask of the
-selected keys, for chunks with few keys) and `dense_attention` (SDPA, for queries whose every allowed key is
-selected). The selection likewise: `topk_plain` (torch.topk over every allowed key) and, on the
-fast path, `topk_by_blocks` (the same keys through a top-k of group maxima first), after `index_scores_fast`
-and `mask_disallowed_`. Tests hold them equal.
+(`FAST_PATHS`): `sparse_attention_fast` (index_select + embedding_bag, no gathered values; at inference the
+C++ kernel of cpu_attention.py on CPU, the Triton kernel of triton_attention.py on a GPU),
+`masked_dense_attention` (SDPA under a mask of the selected keys, for chunks with few keys) and
+`dense_attention` (SDPA, for queries whose every allowed key is selected). The selection likewise:
+`topk_plain` (torch.topk over every allowed key) and, on the fast path, `topk_by_blocks` (the same keys
+through a top-k of group maxima first), after `index_scores_fast` and `mask_disallowed_`. Tests hold them equal.
 """
 
 import functools
@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import cpu_attention
 from .indexer import index_scores
 
 # Queries per chunk are chosen so that (queries x keys) stays under this many elements.
@@ -30,6 +31,7 @@ CHUNK_ELEMENTS = 1 << 20
 TILE_ELEMENTS = 1 << 19
 # The model runs the fast paths below; False runs the reference path everywhere (tests compare the two).
 FAST_PATHS = True
+CPU_KERNEL = True  # fast path on CPU at inference: the C++ kernel (cpu_attention.py) where it builds
 FAST_BLOCK = 32  # queries per block in sparse_attention_fast
 MASKED_DENSE_KEYS = 5  # fast path: a chunk with at most this many times k keys runs `masked_dense_attention`
 TOPK_BLOCK = None  # keys per group in topk_by_blocks; None: by row length (`topk_group_size`)
@@ -300,9 +302,10 @@ def triton_available() -> bool:
 
 def fast_sparse_attention_for(q: torch.Tensor, n_keys: int, topk: int, scratch: Scratch | None = None):
     """The sparse attention the fast path uses for queries q over n_keys keys: `masked_dense_attention` when
-    n_keys <= MASKED_DENSE_KEYS * topk; else on a GPU at inference the Triton kernel (dsa/triton_attention.py,
-    if triton is installed and head_dim is a power of two >= 16), else `sparse_attention_fast` (with `scratch`
-    for its buffer). All have the contract of `sparse_attention`."""
+    n_keys <= MASKED_DENSE_KEYS * topk; else at inference (autograd off) the Triton kernel on a GPU
+    (dsa/triton_attention.py, if triton is installed and head_dim is a power of two >= 16) or the C++ kernel on
+    CPU (dsa/cpu_attention.py, with CPU_KERNEL, where `cpu_attention.supports` q); else `sparse_attention_fast`
+    (with `scratch` for its buffer). All have the contract of `sparse_attention`."""
     D = q.shape[-1]
     if n_keys <= MASKED_DENSE_KEYS * topk:
         return masked_dense_attention
@@ -310,6 +313,8 @@ def fast_sparse_attention_for(q: torch.Tensor, n_keys: int, topk: int, scratch: 
         from .triton_attention import sparse_attention_triton
 
         return sparse_attention_triton
+    if CPU_KERNEL and cpu_attention.supports(q):
+        return cpu_attention.sparse_attention_cpu
     return functools.partial(sparse_attention_fast, scratch=scratch)
 
 
