@@ -96,6 +96,8 @@ def build_model(variant: str, layers: int, device, dtype, **overrides):
         model = dsa.Qwen2DSAForCausalLM(dsa_config_from(config, DSA_SHAPES))
         if variant == "mask":
             use_masked_attention(model)
+        elif device.type == "cpu":
+            dsa.cpu_attention.kernel()  # build or load the CPU kernel now, not inside a timed run
     return model.to(device=device, dtype=dtype).eval()
 
 

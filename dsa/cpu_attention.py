@@ -1,7 +1,8 @@
 """`sparse_attention` as a C++ kernel for CPUs with AVX2, at inference (forward only, no autograd).
 
 The source is csrc/sparse_attention_cpu.cpp; torch.utils.cpp_extension compiles it on first use (about a
-minute, once per machine: the build is cached under ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR).
+minute, once per machine and checkout: the build is cached under ~/.cache/torch_extensions, or
+$TORCH_EXTENSIONS_DIR).
 Per query and KV head it reads the K selected key rows by index, computes the G query heads' logits with
 each row loaded once, takes the softmax over the valid slots and sums the selected value rows, without
 writing anything of size K x D. On a 32K-token prefill it is ~0.4-0.5x the time of `sparse_attention_fast`
@@ -10,6 +11,7 @@ compiler) `supports` is False and the PyTorch paths in attention.py serve; they 
 """
 
 import functools
+import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -25,6 +27,7 @@ def kernel():
     """The compiled extension module, or None (with one warning saying why) where it cannot be built."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
+    checkout = hashlib.sha1(str(SOURCE).encode()).hexdigest()[:8]  # one build per checkout: its path is in the build file
     cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_extension_log.level
     cpp_extension_log.setLevel(logging.ERROR)  # its import warns that there is no CUDA runtime, as on any CPU machine
@@ -32,7 +35,7 @@ def kernel():
         from torch.utils.cpp_extension import load
 
         return load(
-            name="dsa_sparse_attention_cpu",
+            name=f"dsa_sparse_attention_cpu_{checkout}",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-ffast-math", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
