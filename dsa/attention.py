@@ -24,10 +24,8 @@ import torch.nn.functional as F
 from . import cpu_attention
 from .indexer import index_scores
 
-# Queries per chunk are chosen so that (queries x keys) stays under this many elements (2^21: 64 queries per
-# chunk at 32K keys; 7-8% less time than 2^20 for one 8K or 32K attention-only layer on the AMD EPYC of
-# docs/performance.md, `bench/ab_constant.py --name CHUNK_ELEMENTS`).
-CHUNK_ELEMENTS = 1 << 21
+# Queries per chunk are chosen so that (queries x keys) stays under this many elements.
+CHUNK_ELEMENTS = 1 << 20
 # On CPU the fast path's indexer logits are computed in key tiles of at most this many (query x head x key)
 # elements (on a GPU in one tile per chunk: its L2 holds a chunk's logits, and each tile costs kernel launches).
 TILE_ELEMENTS = 1 << 19
