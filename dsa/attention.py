@@ -11,7 +11,8 @@ C++ kernel of cpu_attention.py on CPU, the Triton kernel of triton_attention.py 
 `masked_dense_attention` (SDPA under a mask of the selected keys, for chunks with few keys) and
 `dense_attention` (SDPA, for queries whose every allowed key is selected). The selection likewise:
 `topk_plain` (torch.topk over every allowed key) and, on the fast path, `topk_by_blocks` (the same keys
-through a top-k of group maxima first), after `index_scores_fast` and `mask_disallowed_`. Tests hold them equal.
+through a top-k of group maxima first), after `selection_scores_fast` (`index_scores_fast` and `mask_disallowed_`,
+or on CPU the C++ kernel of cpu_attention.py). Tests hold them equal.
 """
 
 import functools
@@ -31,7 +32,8 @@ CHUNK_ELEMENTS = 1 << 20
 TILE_ELEMENTS = 1 << 19
 # The model runs the fast paths below; False runs the reference path everywhere (tests compare the two).
 FAST_PATHS = True
-CPU_KERNEL = True  # fast path on CPU at inference: the C++ kernel (cpu_attention.py) where it builds
+CPU_KERNEL = True  # fast path on CPU at inference: the C++ sparse attention (cpu_attention.py) where it builds
+CPU_INDEX_SCORES = True  # fast path on CPU: the selection's indexer scores by the C++ kernel (cpu_attention.py)
 FAST_BLOCK = 32  # queries per block in sparse_attention_fast
 MASKED_DENSE_KEYS = 5  # fast path: a chunk with at most this many times k keys runs `masked_dense_attention`
 TOPK_BLOCK = None  # keys per group in topk_by_blocks; None: by row length (`topk_group_size`)
@@ -98,17 +100,16 @@ def select_topk(q_idx, k_idx, w_idx, query_index: torch.Tensor, key_padding, top
 
     q_idx: B, T, H_I, d_I; k_idx: B, S, d_I; w_idx: B, T, H_I; query_index: T (the cache index of each
     query, consecutive); key_padding: B, S bool (True = real token) or None.
-    Exact-zero ties go to the most recent keys (`break_zero_ties`). fast: scores by `index_scores_fast`,
-    tie break and masks in place (`mask_disallowed_`: the last query must be key S - 1, as in a cached
-    decode or a chunk cut at its last query), selection by `topk_by_blocks`; scratch: a `Scratch` for the scores.
+    Exact-zero ties go to the most recent keys (`break_zero_ties`). fast: scores by `selection_scores_fast`
+    (the last query must be key S - 1, as in a cached decode or a chunk cut at its last query), selection by
+    `topk_by_blocks`; scratch: a `Scratch` for the scores.
     Returns indices B, T, K (long) and valid B, T, K (bool). A selected slot is valid only if its key is
     allowed: when a row has fewer than K allowed keys, topk also returns masked positions, and those
     must never be attended.
     """
     S = k_idx.shape[1]
     if fast:
-        scores = index_scores_fast(q_idx, k_idx, w_idx, scratch).add_(recency_nudge(S, k_idx.device))  # B, T, S
-        mask_disallowed_(scores, query_index, key_padding)
+        scores = selection_scores_fast(q_idx, k_idx, w_idx, query_index, key_padding, scratch)  # B, T, S
     else:
         scores = break_zero_ties(index_scores(q_idx, k_idx, w_idx))  # B, T, S
         scores = scores.masked_fill_(~allowed_keys(query_index, key_padding, S), float("-inf"))
@@ -118,6 +119,20 @@ def select_topk(q_idx, k_idx, w_idx, query_index: torch.Tensor, key_padding, top
     if key_padding is not None:
         valid = valid & key_padding.gather(1, indices.flatten(1)).view_as(indices)
     return indices, valid
+
+
+def selection_scores_fast(q_idx, k_idx, w_idx, query_index: torch.Tensor, key_padding, scratch=None) -> torch.Tensor:
+    """The fast path's scores for the selection: break_zero_ties(index_scores(...)), -inf where a key is not
+    allowed, for consecutive queries whose last one is key S - 1. On CPU the C++ kernel
+    (`cpu_attention.index_scores_cpu`, with CPU_INDEX_SCORES) where it supports q_idx, in one pass; else
+    `index_scores_fast`, the nudge and `mask_disallowed_`. scratch: a `Scratch` for the scores."""
+    if CPU_INDEX_SCORES and cpu_attention.supports(q_idx):
+        B, T = q_idx.shape[:2]
+        out = (scratch or Scratch()).tensor("index_scores", (B, T, k_idx.shape[1]), torch.float32, q_idx.device)
+        scores = cpu_attention.index_scores_cpu(q_idx, k_idx, w_idx.float(), int(query_index[0]), out)
+        return scores if key_padding is None else scores.masked_fill_(~key_padding[:, None, :], float("-inf"))
+    scores = index_scores_fast(q_idx, k_idx, w_idx, scratch).add_(recency_nudge(k_idx.shape[1], k_idx.device))
+    return mask_disallowed_(scores, query_index, key_padding)
 
 
 def mask_disallowed_(scores: torch.Tensor, query_index: torch.Tensor, key_padding) -> torch.Tensor:

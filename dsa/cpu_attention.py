@@ -1,9 +1,13 @@
-"""`sparse_attention` as a C++ kernel for CPUs with AVX2, at inference (forward only, no autograd).
+"""C++ kernels for CPUs with AVX2: the indexer scores of the top-k selection and `sparse_attention` at inference.
 
-The source is csrc/sparse_attention_cpu.cpp; torch.utils.cpp_extension compiles it on first use (about a
+The source is csrc/cpu_kernels.cpp; torch.utils.cpp_extension compiles it on first use (about a
 minute, once per machine and checkout: the build is cached under ~/.cache/torch_extensions, or
 $TORCH_EXTENSIONS_DIR).
-Per query and KV head it reads the K selected key rows by index, computes the G query heads' logits with
+`index_scores_cpu` computes the lightning indexer's scores of a query chunk with the recency nudge and the
+causal mask in one pass: the logits of all indexer heads, their ReLU and weighted sum are done in registers,
+8 keys at a time (the PyTorch path writes the logits of every head and reads them back), and key groups past
+a query's last allowed key are skipped. The selection runs without autograd, so it serves training too.
+`sparse_attention_cpu`, per query and KV head, reads the K selected key rows by index, computes the G query heads' logits with
 each row loaded once, takes the softmax over the valid slots and sums the selected value rows, without
 writing anything of size K x D. On a 32K-token prefill it is ~0.4-0.5x the time of `sparse_attention_fast`
 per block of queries (docs/performance.md). Where it cannot run (no AVX2, another dtype or head_dim, no
@@ -19,7 +23,7 @@ from pathlib import Path
 import torch
 
 HEAD_DIMS = (8, 16, 32, 64, 128)  # the head_dims the kernel is instantiated for
-SOURCE = Path(__file__).parent / "csrc" / "sparse_attention_cpu.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 
 
 @functools.cache
@@ -35,22 +39,23 @@ def kernel():
         from torch.utils.cpp_extension import load
 
         return load(
-            name=f"dsa_sparse_attention_cpu_{checkout}",
+            name=f"dsa_cpu_kernels_{checkout}",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-ffast-math", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
         )
     except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch path serves
         reason = str(error).strip().splitlines()
-        warnings.warn(f"the CPU sparse-attention kernel is not available ({reason[-1] if reason else type(error).__name__}); using the PyTorch path")
+        warnings.warn(f"the CPU kernels (dsa/csrc) are not available ({reason[-1] if reason else type(error).__name__}); using the PyTorch path")
         return None
     finally:
         cpp_extension_log.setLevel(level)
 
 
 def supports(q: torch.Tensor) -> bool:
-    """Whether `sparse_attention_cpu` can attend queries q (B, Hq, T, D): fp32 on CPU, autograd off, a head_dim
-    of HEAD_DIMS, and the kernel builds here (the first call may compile it)."""
+    """Whether the kernels can take queries q (B, Hq, T, D for `sparse_attention_cpu`, B, T, H_I, d_I for
+    `index_scores_cpu`): fp32 on CPU, autograd off, a head_dim of HEAD_DIMS, and the extension builds here
+    (the first call may compile it)."""
     return (
         q.device.type == "cpu"
         and q.dtype == torch.float32
@@ -58,6 +63,15 @@ def supports(q: torch.Tensor) -> bool:
         and q.shape[-1] in HEAD_DIMS
         and kernel() is not None
     )
+
+
+def index_scores_cpu(q_idx, k_idx, w_idx, first_query: int, out: torch.Tensor) -> torch.Tensor:
+    """scores[b, t, s] = index_scores(q_idx, k_idx, w_idx)[b, t, s] + 1e-30 * (s + 1) (attention.recency_nudge)
+    for s <= first_query + t, else -inf: the indexer scores of queries at cache indices first_query,
+    first_query + 1, ..., nudged and causally masked, written into `out`.
+    q_idx: B, T, H_I, d_I; k_idx: B, S, d_I (rows contiguous); w_idx: B, T, H_I; out: B, T, S (contiguous), all
+    fp32. Needs `supports(q_idx)`."""
+    return kernel().index_scores_cpu(q_idx, k_idx, w_idx, first_query, out)
 
 
 def sparse_attention_cpu(q, k, v, indices, valid, scaling: float) -> torch.Tensor:

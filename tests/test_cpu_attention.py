@@ -1,5 +1,7 @@
-"""The C++ sparse-attention kernel (CPU inference path, dsa/cpu_attention.py) equals the reference
-`sparse_attention` (fp32, 1e-5), alone and inside the model. It is compiled on first use (about a minute)."""
+"""The C++ kernels of dsa/cpu_attention.py (CPU fast path) equal the reference: the sparse attention
+`sparse_attention`, and the indexer scores `index_scores` with the recency nudge and the causal mask (fp32,
+1e-5; the nudges of exact-zero scores bit for bit), alone and inside the model. They are compiled on first use
+(about a minute)."""
 
 import pytest
 import torch
@@ -7,7 +9,8 @@ import torch
 import dsa
 import dsa.attention
 from dsa import cpu_attention
-from dsa.attention import fast_sparse_attention_for, sparse_attention
+from dsa.attention import allowed_keys, break_zero_ties, fast_sparse_attention_for, sparse_attention
+from dsa.indexer import index_scores
 from test_performance_paths import VOCAB, gqa_dsa, random_selection
 
 AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -91,16 +94,71 @@ def test_model_at_inference_equals_reference_with_and_without_the_kernel(cpu_ker
     mask = torch.ones_like(x)
     mask[1, :5] = 0
     inputs = dict(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=False)
-    calls = []
-    kernel = cpu_attention.sparse_attention_cpu
-    monkeypatch.setattr(cpu_attention, "sparse_attention_cpu", lambda *a: calls.append(1) or kernel(*a))
+    calls = {"sparse_attention_cpu": 0, "index_scores_cpu": 0}
+    for name in calls:
+        kernel = getattr(cpu_attention, name)
+        monkeypatch.setattr(cpu_attention, name, lambda *a, name=name, kernel=kernel: calls.update({name: calls[name] + 1}) or kernel(*a))
     monkeypatch.setattr(dsa.attention, "CHUNK_ELEMENTS", 30 * 4)  # chunks of 4 queries
     monkeypatch.setattr(dsa.attention, "MASKED_DENSE_KEYS", 2)  # chunks of > 20 keys: sparse attention
     monkeypatch.setattr(dsa.attention, "CPU_KERNEL", cpu_kernel)
+    monkeypatch.setattr(dsa.attention, "CPU_INDEX_SCORES", cpu_kernel)
     with torch.no_grad():
         monkeypatch.setattr(dsa.attention, "FAST_PATHS", False)
         ref = model(**inputs).logits
         monkeypatch.setattr(dsa.attention, "FAST_PATHS", True)
         out = model(**inputs).logits
-    assert (len(calls) > 0) == cpu_kernel
+    assert all((n > 0) == cpu_kernel for n in calls.values()), calls
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def reference_selection_scores(q_idx, k_idx, w_idx, first: int):
+    """break_zero_ties(index_scores) with -inf after each query's last key (query t at cache index first + t)."""
+    T, S = q_idx.shape[1], k_idx.shape[1]
+    allowed = allowed_keys(torch.arange(first, first + T), None, S)
+    return break_zero_ties(index_scores(q_idx, k_idx, w_idx)).masked_fill(~allowed, float("-inf"))
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    "B,T,S,H,d,first",
+    [
+        (1, 1, 70, 4, 64, 69),  # a decode step: groups of 8 keys and a tail of 6
+        (2, 9, 70, 3, 8, 61),  # 3 heads: register tiles of 4 rows span two queries; 2 panels of 24 keys and a tail
+        (1, 70, 100, 4, 64, 30),  # more queries than QUERY_BLOCK (3 blocks); the first ones see fewer than 24 keys
+        (2, 5, 13, 2, 16, 8),  # fewer keys than a panel: the tail only
+        (1, 40, 48, 1, 128, 8),  # one head, head_dim 128, whole panels
+        (1, 6, 40, 4, 32, 50),  # queries past the last key see every key
+    ],
+)
+def test_index_scores_kernel_equals_reference(B, T, S, H, d, first):
+    g = torch.Generator().manual_seed(T + S)
+    q_idx, k_idx, w_idx = torch.randn(B, T, H, d, generator=g), torch.randn(B, S, d, generator=g), torch.randn(B, T, H, generator=g)
+    k_idx[:, ::3] = 0  # exact-zero scores: only the nudge is left, which orders ties by recency
+    ref = reference_selection_scores(q_idx, k_idx, w_idx, first)
+    out = cpu_attention.index_scores_cpu(q_idx, k_idx, w_idx, first, torch.full((B, T, S), float("nan")))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    ties = ref.isfinite() & (ref.abs() < 1e-20)  # every head's ReLU is 0: the score is the nudge alone
+    assert ties.any() and torch.equal(out[ties], ref[ties])  # the nudges themselves, bit for bit
+    assert torch.equal(out.isinf(), ref.isinf())
+
+
+@needs_avx2
+def test_index_scores_kernel_reads_cache_views_on_several_threads():
+    """Indexer keys as a prefix view of a longer cache, queries as a slice of a longer chunk, two threads."""
+    g = torch.Generator().manual_seed(0)
+    q_all, cache, w_all = torch.randn(2, 80, 4, 16, generator=g), torch.randn(2, 128, 16, generator=g), torch.randn(2, 80, 4, generator=g)
+    q_idx, k_idx, w_idx = q_all[:, 40:], cache[:, :90], w_all[:, 40:]  # 40 queries at cache indices 50 .. 89
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = cpu_attention.index_scores_cpu(q_idx, k_idx, w_idx, 50, torch.empty(2, 40, 90))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(out, reference_selection_scores(q_idx, k_idx, w_idx, 50), atol=1e-5, rtol=1e-5)
+
+
+@needs_avx2
+def test_index_scores_kernel_rejects_mismatched_shapes():
+    q_idx, k_idx, w_idx = torch.randn(1, 3, 4, 16), torch.randn(1, 10, 16), torch.randn(1, 3, 2)
+    with pytest.raises(RuntimeError, match="index_scores_cpu: shapes of q"):
+        cpu_attention.index_scores_cpu(q_idx, k_idx, w_idx, 7, torch.empty(1, 3, 10))

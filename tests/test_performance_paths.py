@@ -15,6 +15,7 @@ from transformers.cache_utils import DynamicIndexedLayer
 import dsa
 import dsa.attention
 import dsa.cache
+from dsa import cpu_attention
 from dsa.attention import (
     allowed_keys,
     break_zero_ties,
@@ -127,11 +128,17 @@ def test_fast_index_scores_in_key_tiles_equal_the_reference(tile_elements, monke
     assert scratch.buffers["index_logits"].numel() == 2 * 2 * 27 * tile  # the largest tile's logits, twice (Scratch)
 
 
+@pytest.mark.parametrize("index_kernel", [False, True])  # scores by PyTorch ops / by the C++ kernel where it builds
 @pytest.mark.parametrize("T,S", [(1, 70), (9, 9), (9, 70)])  # a decode step, a first chunk, a later chunk
-def test_fast_selection_selects_what_the_reference_selects(T, S, monkeypatch):
-    """select_topk(fast=True): index_scores_fast, the in-place tie break and masks (`mask_disallowed_`, the
-    queries' last one at key S - 1) and topk_by_blocks, against the reference, with padding, ReLU zeros
-    (ties) and a row with fewer allowed keys than k. Same keys, same validity."""
+def test_fast_selection_selects_what_the_reference_selects(T, S, index_kernel, monkeypatch):
+    """select_topk(fast=True): `selection_scores_fast` (index_scores_fast, the in-place tie break and masks,
+    `mask_disallowed_`, the queries' last one at key S - 1; or the C++ kernel) and topk_by_blocks, against
+    the reference, with padding, ReLU zeros (ties) and a row with fewer allowed keys than k. Same keys, same
+    validity."""
+    monkeypatch.setattr(dsa.attention, "CPU_INDEX_SCORES", index_kernel)
+    calls = []
+    kernel = cpu_attention.index_scores_cpu
+    monkeypatch.setattr(cpu_attention, "index_scores_cpu", lambda *a: calls.append(1) or kernel(*a))
     monkeypatch.setattr(dsa.attention, "TOPK_BLOCK", 2)  # rows of >= 4 * K keys take the block path
     monkeypatch.setattr(dsa.attention, "TILE_ELEMENTS", T * 3 * 16)  # index logits in tiles of 16 keys
     g = torch.Generator().manual_seed(S + T)
@@ -147,6 +154,7 @@ def test_fast_selection_selects_what_the_reference_selects(T, S, monkeypatch):
     valid_keys = lambda i, v: i.masked_fill(~v, -1).sort(-1).values  # noqa: E731  (-1: an invalid slot)
     assert torch.equal(valid_keys(indices, valid), valid_keys(ref_indices, ref_valid))
     assert torch.equal(valid, allowed_keys(query_index, padding, S).expand(B, T, S).gather(-1, indices))
+    assert bool(calls) == (index_kernel and cpu_attention.kernel() is not None)  # the kernel where it builds
 
 
 def test_scratch_reuses_its_buffer_until_a_chunk_needs_more():
