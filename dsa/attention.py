@@ -9,10 +9,11 @@ gather of the selected keys and values, then batched matmuls) and the fast paths
 (`FAST_PATHS`): `sparse_attention_fast` (index_select + embedding_bag, no gathered values; at inference the
 C++ kernel of cpu_attention.py on CPU, the Triton kernel of triton_attention.py on a GPU),
 `masked_dense_attention` (SDPA under a mask of the selected keys, for chunks with few keys) and
-`dense_attention` (SDPA, for queries whose every allowed key is selected). The selection likewise:
-`topk_plain` (torch.topk over every allowed key) and, on the fast path, `topk_by_blocks` (the same keys
-through a top-k of group maxima first), after `selection_scores_fast` (`index_scores_fast` and `mask_disallowed_`,
-or on CPU the C++ kernel of cpu_attention.py). Tests hold them equal.
+`dense_attention` (SDPA, for queries whose every allowed key is selected). The selection likewise: the
+reference scores every key with `index_scores` and takes `topk_plain` (torch.topk); the fast path scores with
+`selection_scores_fast` (`index_scores_fast` and `mask_disallowed_`) and selects with `topk_fast`
+(`topk_by_blocks`: the same keys through a top-k of group maxima first); on CPU both are the C++ kernels of
+cpu_attention.py. Tests hold them equal.
 """
 
 import functools
@@ -33,7 +34,7 @@ TILE_ELEMENTS = 1 << 19
 # The model runs the fast paths below; False runs the reference path everywhere (tests compare the two).
 FAST_PATHS = True
 CPU_KERNEL = True  # fast path on CPU at inference: the C++ sparse attention (cpu_attention.py) where it builds
-CPU_INDEX_SCORES = True  # fast path on CPU: the selection's indexer scores by the C++ kernel (cpu_attention.py)
+CPU_SELECTION = True  # fast path on CPU: the selection's indexer scores and top-k by the C++ kernels (cpu_attention.py)
 FAST_BLOCK = 32  # queries per block in sparse_attention_fast
 MASKED_DENSE_KEYS = 5  # fast path: a chunk with at most this many times k keys runs `masked_dense_attention`
 TOPK_BLOCK = None  # keys per group in topk_by_blocks; None: by row length (`topk_group_size`)
@@ -102,7 +103,7 @@ def select_topk(q_idx, k_idx, w_idx, query_index: torch.Tensor, key_padding, top
     query, consecutive); key_padding: B, S bool (True = real token) or None.
     Exact-zero ties go to the most recent keys (`break_zero_ties`). fast: scores by `selection_scores_fast`
     (the last query must be key S - 1, as in a cached decode or a chunk cut at its last query), selection by
-    `topk_by_blocks`; scratch: a `Scratch` for the scores.
+    `topk_fast`; scratch: a `Scratch` for the scores.
     Returns indices B, T, K (long) and valid B, T, K (bool). A selected slot is valid only if its key is
     allowed: when a row has fewer than K allowed keys, topk also returns masked positions, and those
     must never be attended.
@@ -114,7 +115,7 @@ def select_topk(q_idx, k_idx, w_idx, query_index: torch.Tensor, key_padding, top
         scores = break_zero_ties(index_scores(q_idx, k_idx, w_idx))  # B, T, S
         scores = scores.masked_fill_(~allowed_keys(query_index, key_padding, S), float("-inf"))
     k = min(topk, S)
-    indices = (topk_by_blocks if fast else topk_plain)(scores, k)  # B, T, K
+    indices = (topk_fast if fast else topk_plain)(scores, k)  # B, T, K
     valid = indices <= query_index[:, None]  # B, T, K: causal
     if key_padding is not None:
         valid = valid & key_padding.gather(1, indices.flatten(1)).view_as(indices)
@@ -124,9 +125,9 @@ def select_topk(q_idx, k_idx, w_idx, query_index: torch.Tensor, key_padding, top
 def selection_scores_fast(q_idx, k_idx, w_idx, query_index: torch.Tensor, key_padding, scratch=None) -> torch.Tensor:
     """The fast path's scores for the selection: break_zero_ties(index_scores(...)), -inf where a key is not
     allowed, for consecutive queries whose last one is key S - 1. On CPU the C++ kernel
-    (`cpu_attention.index_scores_cpu`, with CPU_INDEX_SCORES) where it supports q_idx, in one pass; else
+    (`cpu_attention.index_scores_cpu`, with CPU_SELECTION) where it supports q_idx, in one pass; else
     `index_scores_fast`, the nudge and `mask_disallowed_`. scratch: a `Scratch` for the scores."""
-    if CPU_INDEX_SCORES and cpu_attention.supports(q_idx):
+    if CPU_SELECTION and cpu_attention.supports(q_idx):
         B, T = q_idx.shape[:2]
         out = (scratch or Scratch()).tensor("index_scores", (B, T, k_idx.shape[1]), torch.float32, q_idx.device)
         scores = cpu_attention.index_scores_cpu(q_idx, k_idx, w_idx.float(), int(query_index[0]), out)
@@ -150,6 +151,14 @@ def mask_disallowed_(scores: torch.Tensor, query_index: torch.Tensor, key_paddin
 
 def topk_plain(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1, sorted=False).indices
+
+
+def topk_fast(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The fast path's top-k (the same set of values as `topk_plain`): on CPU the C++ radix selection
+    (`cpu_attention.topk_cpu`, with CPU_SELECTION) where the kernels build, else `topk_by_blocks`."""
+    if CPU_SELECTION and cpu_attention.available_for(scores):
+        return cpu_attention.topk_cpu(scores, k)
+    return topk_by_blocks(scores, k)
 
 
 def topk_group_size(n_keys: int, k: int) -> int:

@@ -1,17 +1,19 @@
-"""C++ kernels for CPUs with AVX2: the indexer scores of the top-k selection and `sparse_attention` at inference.
+"""C++ kernels for CPUs with AVX2: the top-k selection (indexer scores, top-k) and `sparse_attention` at inference.
 
 The source is csrc/cpu_kernels.cpp; torch.utils.cpp_extension compiles it on first use (about a
 minute, once per machine and checkout: the build is cached under ~/.cache/torch_extensions, or
 $TORCH_EXTENSIONS_DIR).
 `index_scores_cpu` computes the lightning indexer's scores of a query chunk with the recency nudge and the
-causal mask in one pass: the logits of all indexer heads, their ReLU and weighted sum are done in registers,
-8 keys at a time (the PyTorch path writes the logits of every head and reads them back), and key groups past
-a query's last allowed key are skipped. The selection runs without autograd, so it serves training too.
+causal mask in one pass: the logits of all indexer heads, their ReLU and weighted sum stay in registers
+(the PyTorch path writes the logits of every head and reads them back), and keys past a query's last allowed
+key are skipped. `topk_cpu` selects each row's k largest scores by a radix selection on their bits (two
+passes over a row) instead of torch.topk. The selection runs without autograd, so these serve training too.
 `sparse_attention_cpu`, per query and KV head, reads the K selected key rows by index, computes the G query heads' logits with
 each row loaded once, takes the softmax over the valid slots and sums the selected value rows, without
 writing anything of size K x D. On a 32K-token prefill it is ~0.4-0.5x the time of `sparse_attention_fast`
 per block of queries (docs/performance.md). Where it cannot run (no AVX2, another dtype or head_dim, no
-compiler) `supports` is False and the PyTorch paths in attention.py serve; they stay the reference.
+compiler) `supports` and `available_for` are False and the PyTorch paths in attention.py serve; they stay the
+reference.
 """
 
 import functools
@@ -52,17 +54,16 @@ def kernel():
         cpp_extension_log.setLevel(level)
 
 
+def available_for(x: torch.Tensor) -> bool:
+    """Whether the kernels can take x: fp32 on CPU, autograd off, and the extension builds here (the first call
+    may compile it)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and kernel() is not None
+
+
 def supports(q: torch.Tensor) -> bool:
     """Whether the kernels can take queries q (B, Hq, T, D for `sparse_attention_cpu`, B, T, H_I, d_I for
-    `index_scores_cpu`): fp32 on CPU, autograd off, a head_dim of HEAD_DIMS, and the extension builds here
-    (the first call may compile it)."""
-    return (
-        q.device.type == "cpu"
-        and q.dtype == torch.float32
-        and not torch.is_grad_enabled()
-        and q.shape[-1] in HEAD_DIMS
-        and kernel() is not None
-    )
+    `index_scores_cpu`): `available_for(q)` and a head_dim of HEAD_DIMS."""
+    return q.shape[-1] in HEAD_DIMS and available_for(q)
 
 
 def index_scores_cpu(q_idx, k_idx, w_idx, first_query: int, out: torch.Tensor) -> torch.Tensor:
@@ -72,6 +73,13 @@ def index_scores_cpu(q_idx, k_idx, w_idx, first_query: int, out: torch.Tensor) -
     q_idx: B, T, H_I, d_I; k_idx: B, S, d_I (rows contiguous); w_idx: B, T, H_I; out: B, T, S (contiguous), all
     fp32. Needs `supports(q_idx)`."""
     return kernel().index_scores_cpu(q_idx, k_idx, w_idx, first_query, out)
+
+
+def topk_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The positions of the k largest entries of each row of scores (B, T, S, fp32, no NaN): B, T, k (int64),
+    in no particular order; the same set of values as torch.topk (among equal values, the lowest positions).
+    Needs `available_for(scores)`."""
+    return kernel().topk_cpu(scores, k)
 
 
 def sparse_attention_cpu(q, k, v, indices, valid, scaling: float) -> torch.Tensor:

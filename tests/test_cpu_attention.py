@@ -94,14 +94,14 @@ def test_model_at_inference_equals_reference_with_and_without_the_kernel(cpu_ker
     mask = torch.ones_like(x)
     mask[1, :5] = 0
     inputs = dict(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=False)
-    calls = {"sparse_attention_cpu": 0, "index_scores_cpu": 0}
+    calls = {"sparse_attention_cpu": 0, "index_scores_cpu": 0, "topk_cpu": 0}
     for name in calls:
         kernel = getattr(cpu_attention, name)
         monkeypatch.setattr(cpu_attention, name, lambda *a, name=name, kernel=kernel: calls.update({name: calls[name] + 1}) or kernel(*a))
     monkeypatch.setattr(dsa.attention, "CHUNK_ELEMENTS", 30 * 4)  # chunks of 4 queries
     monkeypatch.setattr(dsa.attention, "MASKED_DENSE_KEYS", 2)  # chunks of > 20 keys: sparse attention
     monkeypatch.setattr(dsa.attention, "CPU_KERNEL", cpu_kernel)
-    monkeypatch.setattr(dsa.attention, "CPU_INDEX_SCORES", cpu_kernel)
+    monkeypatch.setattr(dsa.attention, "CPU_SELECTION", cpu_kernel)
     with torch.no_grad():
         monkeypatch.setattr(dsa.attention, "FAST_PATHS", False)
         ref = model(**inputs).logits
@@ -162,3 +162,38 @@ def test_index_scores_kernel_rejects_mismatched_shapes():
     q_idx, k_idx, w_idx = torch.randn(1, 3, 4, 16), torch.randn(1, 10, 16), torch.randn(1, 3, 2)
     with pytest.raises(RuntimeError, match="index_scores_cpu: shapes of q"):
         cpu_attention.index_scores_cpu(q_idx, k_idx, w_idx, 7, torch.empty(1, 3, 10))
+
+
+@needs_avx2
+@pytest.mark.parametrize("S,K", [(100, 7), (3000, 512), (40, 40), (5000, 512), (13, 5)])
+def test_topk_kernel_selects_the_values_torch_topk_selects(S, K):
+    """Rows with -inf, with fewer finite entries than K (the K-th largest is -inf), all -inf, +0 and -0, many
+    ties, and random ones; K = S. Same values as torch.topk, K distinct positions, equal values at the
+    lowest positions."""
+    g = torch.Generator().manual_seed(S)
+    x = torch.randn(2, 6, S, generator=g)
+    x[0, 0, ::2] = float("-inf")
+    x[0, 1] = 0.0
+    x[0, 1, S // 2 :] = -0.0
+    x[0, 2, 3:] = float("-inf")
+    x[0, 3] = float("-inf")
+    x[1, 0] = torch.randint(0, 5, (S,), generator=g).float()  # ties at the K-th largest
+    x[1, 1] = 1 + torch.rand(S, generator=g) * 2**-10  # the top 20 bits equal: the candidates go through every level
+    with torch.no_grad():
+        indices = cpu_attention.topk_cpu(x, K)
+    assert indices.shape == (2, 6, K) and indices.dtype == torch.long
+    assert all(len(set(row.tolist())) == K for row in indices.view(-1, K))
+    assert torch.equal(x.gather(-1, indices).sort(-1).values, x.topk(K, dim=-1).values.sort(-1).values)
+    kth = x.topk(K, dim=-1).values[..., -1:]  # the K-th largest value of each row
+    ties = (x == kth) & (x.gather(-1, indices).min(-1, keepdim=True).values == kth)
+    taken = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, indices, True)
+    for row_ties, row_taken in zip(ties.view(-1, S), taken.view(-1, S)):  # equal values: the lowest positions
+        positions = row_ties.nonzero().flatten()
+        n = int((row_taken & row_ties).sum())
+        assert torch.equal(row_taken[positions], torch.arange(len(positions)) < n)
+
+
+@needs_avx2
+def test_topk_kernel_rejects_k_larger_than_the_row():
+    with torch.no_grad(), pytest.raises(RuntimeError, match="topk_cpu: k = 9 is not in"):
+        cpu_attention.topk_cpu(torch.randn(1, 2, 8), 9)

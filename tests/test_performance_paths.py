@@ -135,7 +135,7 @@ def test_fast_selection_selects_what_the_reference_selects(T, S, index_kernel, m
     `mask_disallowed_`, the queries' last one at key S - 1; or the C++ kernel) and topk_by_blocks, against
     the reference, with padding, ReLU zeros (ties) and a row with fewer allowed keys than k. Same keys, same
     validity."""
-    monkeypatch.setattr(dsa.attention, "CPU_INDEX_SCORES", index_kernel)
+    monkeypatch.setattr(dsa.attention, "CPU_SELECTION", index_kernel)
     calls = []
     kernel = cpu_attention.index_scores_cpu
     monkeypatch.setattr(cpu_attention, "index_scores_cpu", lambda *a: calls.append(1) or kernel(*a))

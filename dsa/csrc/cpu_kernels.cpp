@@ -1,13 +1,17 @@
-/* DSA's inference kernels on CPU (fp32, AVX2 + FMA): the lightning indexer's scores of select_topk and the
-forward of dsa.attention.sparse_attention.
+/* DSA's kernels on CPU (fp32, AVX2 + FMA): the top-k selection's indexer scores and top-k, and the forward of
+dsa.attention.sparse_attention.
 
 Indexer scores (index_scores_cpu). For batch row b, query t at cache index i = first + t and key s:
     scores[b, t, s] = sum_j w[b, t, j] * relu(q[b, t, j] . k[b, s]) + 1e-30 * (s + 1)    if s <= i
                     = -inf                                                               otherwise
-(dsa.indexer.index_scores, with attention.break_zero_ties's nudge and the causal mask.) Keys are taken 8 at a
-time for a block of QUERY_BLOCK queries: the 8 key rows stay in L1 while every head of every query of the
-block is multiplied with them, and the 8 dot products of one head are summed by one `hadd` tree. Key groups
-after a query's last allowed key are not computed.
+(dsa.indexer.index_scores, with attention.break_zero_ties's nudge and the causal mask.) For a block of
+QUERY_BLOCK queries, KEYS key rows at a time are transposed into a panel (a register holds 8 keys' feature d),
+and register tiles of ROWS (query, head) rows x KEYS keys accumulate their dot products over d with one
+broadcast of q per row and d; ReLU, the head weight and the sum over heads are applied to the tile in
+registers. Panels after a query's last allowed key are not computed for it. A single query (a decode step)
+takes 8 keys at a time without a panel, summing each head's 8 dot products with one `hadd` tree.
+
+Top-k (topk_cpu): see the comment above topk_row.
 
 Sparse attention (sparse_attention_cpu). For batch row b, query t and KV head h, with idx = indices[b, t] (K selected keys) and the G query heads
 h*G + g of KV head h:
@@ -261,6 +265,89 @@ void score_all(const at::Tensor &q, const at::Tensor &k, const at::Tensor &w, in
     });
 }
 
+// Top-k (topk_cpu): the K largest entries of each row by radix selection on the floats' bits, mapped to
+// unsigned integers in the same order (sign flipped for positives, all bits for negatives). Level 1 counts
+// the top 11 bits of every entry; the bin holding the K-th largest follows from the counts; one vectorized pass
+// takes the entries of higher bins (compared as floats against the bin's edges) and keeps those of that bin as
+// candidates. Levels 2 (the next 11 bits) and 3 (the last 10) repeat this on the candidates. Entries equal to
+// the K-th largest are taken in index order. No comparison sort (torch.topk sorts partially).
+
+inline uint32_t ordered_bits(float x) {  // a < b  <=>  ordered_bits(a) < ordered_bits(b), for non-NaN floats
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    u = u == 0x80000000u ? 0u : u;  // -0 as +0: equal as floats, so equal here
+    return u ^ (uint32_t(int32_t(u) >> 31) | 0x80000000u);
+}
+
+inline float lowest_at_or_above(uint32_t key) {  // the lowest float x with ordered_bits(x) >= key, NaNs aside
+    key = std::max(key, 0x007FFFFFu);  // the keys below that of -inf are NaNs
+    const uint32_t u = key & 0x80000000u ? key ^ 0x80000000u : ~key;
+    float x;
+    std::memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+struct Level {
+    int shift;
+    uint32_t bins;
+};
+constexpr Level LEVELS[3] = {{21, 2048}, {10, 2048}, {0, 1024}};
+
+// The bin of the need-th largest of the counted entries, and how many are in higher bins.
+inline uint32_t bin_of(const uint32_t *hist, uint32_t bins, int64_t need, int64_t &above) {
+    uint32_t bin = bins - 1;
+    above = 0;
+    while (above + hist[bin] < need) above += hist[bin--];
+    return bin;
+}
+
+// Row x of n entries -> its K largest positions in out (K < n). cand: n entries, hist: 4 x 2048 of work space.
+void topk_row(const float *x, int64_t n, int64_t K, int64_t *out, int32_t *cand, uint32_t *hist) {
+    // level 1: four interleaved histograms of the top 11 bits (repeated bins do not wait on each other)
+    std::fill(hist, hist + 4 * 2048, 0u);
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int h = 0; h < 4; h++) hist[h * 2048 + (ordered_bits(x[i + h]) >> 21)]++;
+    for (; i < n; i++) hist[ordered_bits(x[i]) >> 21]++;
+    for (int b = 0; b < 2048; b++) hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
+    int64_t above;
+    const uint32_t bin = bin_of(hist, 2048, K, above);
+    // entries >= the next bin's lowest value are taken, entries >= this bin's lowest are candidates
+    const bool top_bin = bin == 2047;
+    const __m256 next_low = _mm256_set1_ps(top_bin ? 0.f : lowest_at_or_above((bin + 1) << 21)), low = _mm256_set1_ps(lowest_at_or_above(bin << 21));
+    int64_t taken = 0, m = 0;
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        int in_bin = _mm256_movemask_ps(_mm256_cmp_ps(v, low, _CMP_GE_OQ));
+        if (!in_bin) continue;
+        const int higher = top_bin ? 0 : _mm256_movemask_ps(_mm256_cmp_ps(v, next_low, _CMP_GE_OQ));
+        in_bin &= ~higher;
+        for (int bits = higher; bits; bits &= bits - 1) out[taken++] = i + __builtin_ctz(bits);
+        for (int bits = in_bin; bits; bits &= bits - 1) cand[m++] = int32_t(i + __builtin_ctz(bits));
+    }
+    for (; i < n; i++) {
+        const uint32_t b = ordered_bits(x[i]) >> 21;
+        if (b > bin) out[taken++] = i;
+        else if (b == bin) cand[m++] = int32_t(i);
+    }
+    // levels 2 and 3 on the candidates (their higher bits are all equal), compacted in place
+    for (int level = 1; level < 3 && taken + m > K; level++) {
+        const Level L = LEVELS[level];
+        std::fill(hist, hist + L.bins, 0u);
+        for (int64_t c = 0; c < m; c++) hist[(ordered_bits(x[cand[c]]) >> L.shift) & (L.bins - 1)]++;
+        const uint32_t level_bin = bin_of(hist, L.bins, K - taken, above);
+        int64_t kept = 0;
+        for (int64_t c = 0; c < m; c++) {
+            const int32_t j = cand[c];
+            const uint32_t b = (ordered_bits(x[j]) >> L.shift) & (L.bins - 1);
+            if (b > level_bin) out[taken++] = j;
+            else if (b == level_bin) cand[kept++] = j;
+        }
+        m = kept;
+    }
+    for (int64_t c = 0; taken < K; c++) out[taken++] = cand[c];  // all needed, or equal to the K-th largest
+}
+
 }  // namespace
 
 // q: B, T, H, D; k: B, S, D (rows contiguous); w: B, T, H; out: B, T, S (contiguous); fp32, D in {8, 16, 32, 64, 128}.
@@ -281,6 +368,23 @@ at::Tensor index_scores_cpu(const at::Tensor &q, const at::Tensor &k, const at::
         case 128: score_all<128>(qc, k, wc, first, out); break;
         default: TORCH_CHECK(false, "index_scores_cpu: indexer head_dim ", D, " is not one of 8, 16, 32, 64, 128");
     }
+    return out;
+}
+
+// scores: B, T, S (fp32, no NaN) -> the positions of the K largest entries of each row, B, T, K (int64, in no order).
+at::Tensor topk_cpu(const at::Tensor &scores, int64_t K) {
+    TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == at::kFloat && scores.dim() == 3, "topk_cpu: needs a 3-d fp32 CPU tensor");
+    const int64_t B = scores.size(0), T = scores.size(1), S = scores.size(2);
+    TORCH_CHECK(K >= 1 && K <= S, "topk_cpu: k = ", K, " is not in [1, ", S, "]");
+    at::Tensor x = scores.contiguous(), out = at::empty({B, T, K}, scores.options().dtype(at::kLong));
+    if (K == S) return out.copy_(at::arange(S, out.options()).expand({B, T, S}));
+    const float *xp = x.data_ptr<float>();
+    int64_t *op = out.data_ptr<int64_t>();
+    at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+        std::vector<uint32_t> hist(4 * 2048);
+        std::vector<int32_t> cand(S);
+        for (int64_t r = begin; r < end; r++) topk_row(xp + r * S, S, K, op + r * K, cand.data(), hist.data());
+    });
     return out;
 }
 
@@ -309,5 +413,6 @@ at::Tensor sparse_attention_cpu(const at::Tensor &q, const at::Tensor &k, const 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("index_scores_cpu", &index_scores_cpu, "Lightning-indexer scores with the recency nudge and the causal mask, fp32, AVX2");
+    m.def("topk_cpu", &topk_cpu, "Positions of the k largest entries of each row (radix selection), fp32");
     m.def("sparse_attention_cpu", &sparse_attention_cpu, "Top-k sparse attention (forward), fp32, AVX2");
 }
