@@ -125,9 +125,9 @@ def select_topk(q_idx, k_idx, w_idx, query_index: torch.Tensor, key_padding, top
 def selection_scores_fast(q_idx, k_idx, w_idx, query_index: torch.Tensor, key_padding, scratch=None) -> torch.Tensor:
     """The fast path's scores for the selection: break_zero_ties(index_scores(...)), -inf where a key is not
     allowed, for consecutive queries whose last one is key S - 1. On CPU the C++ kernel
-    (`cpu_attention.index_scores_cpu`, with CPU_SELECTION) where it supports q_idx, in one pass; else
+    (`cpu_attention.index_scores_cpu`, with CPU_SELECTION) where it supports q_idx and k_idx, in one pass; else
     `index_scores_fast`, the nudge and `mask_disallowed_`. scratch: a `Scratch` for the scores."""
-    if CPU_SELECTION and cpu_attention.supports(q_idx):
+    if CPU_SELECTION and cpu_attention.supports(q_idx) and k_idx.dtype == torch.float32:
         B, T = q_idx.shape[:2]
         out = (scratch or Scratch()).tensor("index_scores", (B, T, k_idx.shape[1]), torch.float32, q_idx.device)
         scores = cpu_attention.index_scores_cpu(q_idx, k_idx, w_idx.float(), int(query_index[0]), out)
