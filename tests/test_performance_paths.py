@@ -128,17 +128,18 @@ def test_fast_index_scores_in_key_tiles_equal_the_reference(tile_elements, monke
     assert scratch.buffers["index_logits"].numel() == 2 * 2 * 27 * tile  # the largest tile's logits, twice (Scratch)
 
 
-@pytest.mark.parametrize("index_kernel", [False, True])  # scores by PyTorch ops / by the C++ kernel where it builds
+@pytest.mark.parametrize("cpu_selection", [False, True])  # PyTorch ops / the C++ kernels where they build
 @pytest.mark.parametrize("T,S", [(1, 70), (9, 9), (9, 70)])  # a decode step, a first chunk, a later chunk
-def test_fast_selection_selects_what_the_reference_selects(T, S, index_kernel, monkeypatch):
+def test_fast_selection_selects_what_the_reference_selects(T, S, cpu_selection, monkeypatch):
     """select_topk(fast=True): `selection_scores_fast` (index_scores_fast, the in-place tie break and masks,
-    `mask_disallowed_`, the queries' last one at key S - 1; or the C++ kernel) and topk_by_blocks, against
-    the reference, with padding, ReLU zeros (ties) and a row with fewer allowed keys than k. Same keys, same
-    validity."""
-    monkeypatch.setattr(dsa.attention, "CPU_SELECTION", index_kernel)
+    `mask_disallowed_`, the queries' last one at key S - 1) and `topk_fast` (topk_by_blocks), or with
+    CPU_SELECTION the C++ kernels index_scores_cpu and topk_cpu, against the reference, with padding, ReLU
+    zeros (ties) and a row with fewer allowed keys than k. Same keys, same validity."""
+    monkeypatch.setattr(dsa.attention, "CPU_SELECTION", cpu_selection)
     calls = []
-    kernel = cpu_attention.index_scores_cpu
-    monkeypatch.setattr(cpu_attention, "index_scores_cpu", lambda *a: calls.append(1) or kernel(*a))
+    for name in ("index_scores_cpu", "topk_cpu"):
+        kernel = getattr(cpu_attention, name)
+        monkeypatch.setattr(cpu_attention, name, lambda *a, kernel=kernel: calls.append(kernel) or kernel(*a))
     monkeypatch.setattr(dsa.attention, "TOPK_BLOCK", 2)  # rows of >= 4 * K keys take the block path
     monkeypatch.setattr(dsa.attention, "TILE_ELEMENTS", T * 3 * 16)  # index logits in tiles of 16 keys
     g = torch.Generator().manual_seed(S + T)
@@ -154,7 +155,7 @@ def test_fast_selection_selects_what_the_reference_selects(T, S, index_kernel, m
     valid_keys = lambda i, v: i.masked_fill(~v, -1).sort(-1).values  # noqa: E731  (-1: an invalid slot)
     assert torch.equal(valid_keys(indices, valid), valid_keys(ref_indices, ref_valid))
     assert torch.equal(valid, allowed_keys(query_index, padding, S).expand(B, T, S).gather(-1, indices))
-    assert bool(calls) == (index_kernel and cpu_attention.kernel() is not None)  # the kernel where it builds
+    assert len(set(calls)) == (2 if cpu_selection and cpu_attention.kernel() is not None else 0)  # both kernels where they build
 
 
 def test_scratch_reuses_its_buffer_until_a_chunk_needs_more():
