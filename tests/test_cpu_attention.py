@@ -1,7 +1,7 @@
 """The C++ kernels of dsa/cpu_attention.py (CPU fast path) equal the reference: the sparse attention
-`sparse_attention`, and the indexer scores `index_scores` with the recency nudge and the causal mask (fp32,
-1e-5; the nudges of exact-zero scores bit for bit), alone and inside the model. They are compiled on first use
-(about a minute)."""
+`sparse_attention`, the indexer scores `index_scores` with the recency nudge and the causal mask (fp32, 1e-5;
+the nudges of exact-zero scores bit for bit), and the top-k (torch.topk's values), alone and inside the model.
+They are compiled on first use (about a minute)."""
 
 import pytest
 import torch
