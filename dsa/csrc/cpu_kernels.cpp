@@ -138,6 +138,11 @@ inline float minus_infinity() {  // built from its bits: -ffast-math assumes no 
     return x;
 }
 
+// [1e-30 * (s0 + 1), ..., 1e-30 * (s0 + 8)]: the nudges of keys s0 .. s0 + 7, float(s + 1) * 1e-30f as recency_nudge
+inline __m256 nudges_of_8(int64_t s0) {
+    return _mm256_mul_ps(_mm256_add_ps(_mm256_set1_ps(float(s0)), _mm256_setr_ps(1, 2, 3, 4, 5, 6, 7, 8)), _mm256_set1_ps(1e-30f));
+}
+
 // r[i][j] -> r[j][i] for an 8 x 8 block of floats
 inline void transpose_8x8(__m256 *r) {
     __m256 t[8], u[8];
@@ -191,11 +196,11 @@ void rows_times_panel(const float *q, const float *w, const float *panel, int64_
 template <int D>
 void score_one_query(const float *q, const float *w, Rows k, int64_t H, int64_t end, float *out) {
     constexpr int C = D / 8;
-    const __m256 lane = _mm256_setr_ps(1, 2, 3, 4, 5, 6, 7, 8), tiny = _mm256_set1_ps(1e-30f), zero = _mm256_setzero_ps();
+    const __m256 zero = _mm256_setzero_ps();
     for (int64_t s0 = 0; s0 + 8 <= end; s0 += 8) {
         const float *rows[8];
         for (int i = 0; i < 8; i++) rows[i] = k[s0 + i];
-        __m256 score = _mm256_mul_ps(_mm256_add_ps(_mm256_set1_ps(float(s0)), lane), tiny);  // the nudge
+        __m256 score = nudges_of_8(s0);
         for (int64_t j = 0; j < H; j++) {
             __m256 acc[8];
             for (int i = 0; i < 8; i++) acc[i] = zero;
@@ -220,13 +225,12 @@ void score_block(const float *q, const float *w, Rows k, int64_t H, int64_t S, i
     if (n_q == 1) {
         score_one_query<D>(q + t0 * H * D, w + t0 * H, k, H, end, out + t0 * S);
     } else {
-        const __m256 lane = _mm256_setr_ps(1, 2, 3, 4, 5, 6, 7, 8), tiny = _mm256_set1_ps(1e-30f);
         for (int64_t s0 = 0; s0 < end; s0 += KEYS) {
             pack_panel<D>(k, s0, panel);
             const int64_t t_start = std::max(t0, s0 - first);  // the queries that see key s0
             for (int64_t t = t_start; t < t0 + n_q; t++)  // start from the nudge 1e-30 * (s + 1), as recency_nudge
                 for (int i = 0; i < KEYS; i += 8)
-                    _mm256_storeu_ps(out + t * S + s0 + i, _mm256_mul_ps(_mm256_add_ps(_mm256_set1_ps(float(s0 + i)), lane), tiny));
+                    _mm256_storeu_ps(out + t * S + s0 + i, nudges_of_8(s0 + i));
             int64_t row = t_start * H;
             for (; row + ROWS <= (t0 + n_q) * H; row += ROWS) rows_times_panel<D, ROWS>(q, w, panel, H, row, out + s0, S);
             for (; row < (t0 + n_q) * H; row++) rows_times_panel<D, 1>(q, w, panel, H, row, out + s0, S);
@@ -291,7 +295,9 @@ struct Level {
     int shift;
     uint32_t bins;
 };
-constexpr Level LEVELS[3] = {{21, 2048}, {10, 2048}, {0, 1024}};
+constexpr int TOP_SHIFT = 21;          // level 1: the top 11 bits
+constexpr uint32_t TOP_BINS = 2048;
+constexpr Level LEVELS[2] = {{10, 2048}, {0, 1024}};  // levels 2 and 3, on the candidates
 
 // The bin of the need-th largest of the counted entries, and how many are in higher bins.
 inline uint32_t bin_of(const uint32_t *hist, uint32_t bins, int64_t need, int64_t &above) {
@@ -304,17 +310,17 @@ inline uint32_t bin_of(const uint32_t *hist, uint32_t bins, int64_t need, int64_
 // Row x of n entries -> its K largest positions in out (K < n). cand: n entries, hist: 4 x 2048 of work space.
 void topk_row(const float *x, int64_t n, int64_t K, int64_t *out, int32_t *cand, uint32_t *hist) {
     // level 1: four interleaved histograms of the top 11 bits (repeated bins do not wait on each other)
-    std::fill(hist, hist + 4 * 2048, 0u);
+    std::fill(hist, hist + 4 * TOP_BINS, 0u);
     int64_t i = 0;
     for (; i + 4 <= n; i += 4)
-        for (int h = 0; h < 4; h++) hist[h * 2048 + (ordered_bits(x[i + h]) >> 21)]++;
-    for (; i < n; i++) hist[ordered_bits(x[i]) >> 21]++;
-    for (int b = 0; b < 2048; b++) hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
+        for (int h = 0; h < 4; h++) hist[h * TOP_BINS + (ordered_bits(x[i + h]) >> TOP_SHIFT)]++;
+    for (; i < n; i++) hist[ordered_bits(x[i]) >> TOP_SHIFT]++;
+    for (uint32_t b = 0; b < TOP_BINS; b++) hist[b] += hist[TOP_BINS + b] + hist[2 * TOP_BINS + b] + hist[3 * TOP_BINS + b];
     int64_t above;
-    const uint32_t bin = bin_of(hist, 2048, K, above);
+    const uint32_t bin = bin_of(hist, TOP_BINS, K, above);
     // entries >= the next bin's lowest value are taken, entries >= this bin's lowest are candidates
-    const bool top_bin = bin == 2047;
-    const __m256 next_low = _mm256_set1_ps(top_bin ? 0.f : lowest_at_or_above((bin + 1) << 21)), low = _mm256_set1_ps(lowest_at_or_above(bin << 21));
+    const bool top_bin = bin == TOP_BINS - 1;
+    const __m256 next_low = _mm256_set1_ps(top_bin ? 0.f : lowest_at_or_above((bin + 1) << TOP_SHIFT)), low = _mm256_set1_ps(lowest_at_or_above(bin << TOP_SHIFT));
     int64_t taken = 0, m = 0;
     for (i = 0; i + 8 <= n; i += 8) {
         const __m256 v = _mm256_loadu_ps(x + i);
@@ -326,13 +332,13 @@ void topk_row(const float *x, int64_t n, int64_t K, int64_t *out, int32_t *cand,
         for (int bits = in_bin; bits; bits &= bits - 1) cand[m++] = int32_t(i + __builtin_ctz(bits));
     }
     for (; i < n; i++) {
-        const uint32_t b = ordered_bits(x[i]) >> 21;
+        const uint32_t b = ordered_bits(x[i]) >> TOP_SHIFT;
         if (b > bin) out[taken++] = i;
         else if (b == bin) cand[m++] = int32_t(i);
     }
     // levels 2 and 3 on the candidates (their higher bits are all equal), compacted in place
-    for (int level = 1; level < 3 && taken + m > K; level++) {
-        const Level L = LEVELS[level];
+    for (const Level &L : LEVELS) {
+        if (taken + m == K) break;  // every candidate is needed
         std::fill(hist, hist + L.bins, 0u);
         for (int64_t c = 0; c < m; c++) hist[(ordered_bits(x[cand[c]]) >> L.shift) & (L.bins - 1)]++;
         const uint32_t level_bin = bin_of(hist, L.bins, K - taken, above);
@@ -381,7 +387,7 @@ at::Tensor topk_cpu(const at::Tensor &scores, int64_t K) {
     const float *xp = x.data_ptr<float>();
     int64_t *op = out.data_ptr<int64_t>();
     at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
-        std::vector<uint32_t> hist(4 * 2048);
+        std::vector<uint32_t> hist(4 * TOP_BINS);
         std::vector<int32_t> cand(S);
         for (int64_t r = begin; r < end; r++) topk_row(xp + r * S, S, K, op + r * K, cand.data(), hist.data());
     });
