@@ -38,20 +38,21 @@ def kernel():
     level = cpp_extension_log.level
     cpp_extension_log.setLevel(logging.ERROR)  # its import warns that there is no CUDA runtime, as on any CPU machine
     try:
-        from torch.utils.cpp_extension import load
-
-        return load(
-            name=f"dsa_cpu_kernels_{checkout}",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-ffast-math", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
+        return build(SOURCE, f"dsa_cpu_kernels_{checkout}")
     except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch path serves
         reason = str(error).strip().splitlines()
         warnings.warn(f"the CPU kernels (dsa/csrc) are not available ({reason[-1] if reason else type(error).__name__}); using the PyTorch path")
         return None
     finally:
         cpp_extension_log.setLevel(level)
+
+
+def build(source: Path, name: str):
+    """Compile `source` (a version of csrc/cpu_kernels.cpp) as the extension module `name`, or load its cached
+    build; raises where it cannot. `kernel()` builds the package's file; bench/cpu_kernels.py --against another."""
+    from torch.utils.cpp_extension import load
+
+    return load(name=name, sources=[str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"])
 
 
 def available_for(x: torch.Tensor) -> bool:
