@@ -92,11 +92,11 @@ def main() -> None:
         sys.exit("error: the C++ kernels are not available on this machine (they need x86 with AVX2 and a compiler)")
     if args.against is not None and not args.against.is_file():
         sys.exit(f"error: --against {args.against}: no such file")
+    a = pytorch_paths(attention.Scratch()) if args.against is None else build_against(args.against)
     a_name, b_name = ("PyTorch", "kernel") if args.against is None else (args.against.name, "current kernel")
     print(f"{device_name()}, one thread, medians of {args.reps}; ms per kernel call; a = {a_name}, b = {b_name}")
     print(f"| S | what | {a_name} ms | {b_name} ms | b / a |\n|---|---|---|---|---|")
     with torch.no_grad():
-        a = pytorch_paths(attention.Scratch()) if args.against is None else build_against(args.against)
         for S in (int(s) for s in args.lengths.split(",")):
             for name, (call_a, call_b, calls) in pairs(S, a, cpu_attention.kernel()).items():
                 times = {call_a: [], call_b: []}
