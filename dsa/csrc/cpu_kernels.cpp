@@ -129,17 +129,16 @@ void attend_all(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, c
     float *op = out.data_ptr<float>();
     at::parallel_for(0, B * T * Hkv, 16, [&](int64_t begin, int64_t end) {
         std::vector<float> p(G * K);
-        // task n: batch row b, query t, KV head h; its selected keys and its key rows
-        auto indices_of = [&](int64_t n) { return ip + (n / (T * Hkv) * T + n / Hkv % T) * K; };
+        // task n: batch row b, query t, KV head h (n = (b * T + t) * Hkv + h); its key rows
         auto keys_of = [&](int64_t n) { return Rows{kp + n / (T * Hkv) * k.stride(0) + n % Hkv * k.stride(1), k.stride(2)}; };
         for (int64_t n = begin; n < end; n++) {
             const int64_t b = n / (T * Hkv), t = n / Hkv % T, h = n % Hkv;
-            const int64_t *idx = indices_of(n);
+            const int64_t *idx = ip + n / Hkv * K;  // the selection of query (b, t)
             for (int64_t j = 0; j < K; j++) TORCH_CHECK(idx[j] >= 0 && idx[j] < S, "sparse attention: key index ", idx[j], " is not in [0, ", S, ")");
             Rows v_rows{vp + b * v.stride(0) + h * v.stride(1), v.stride(2)};
             const bool last = n + 1 == end;  // (a prefetch never faults: the next task's indices are checked in its turn)
-            attend<D>(qp + ((b * Hkv + h) * T + t) * G * D, keys_of(n), v_rows, idx, mp + (b * T + t) * K, K, G, op + n * G * D, p.data(),
-                      last ? Rows{nullptr, 0} : keys_of(n + 1), last ? nullptr : indices_of(n + 1));
+            attend<D>(qp + ((b * Hkv + h) * T + t) * G * D, keys_of(n), v_rows, idx, mp + n / Hkv * K, K, G, op + n * G * D, p.data(),
+                      last ? Rows{nullptr, 0} : keys_of(n + 1), last ? nullptr : ip + (n + 1) / Hkv * K);
         }
     });
 }
