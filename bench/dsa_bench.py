@@ -24,7 +24,8 @@ features, k = 512. No grad unless stated.
             "prefill-attention" is the same with the MLP and vocabulary shrunk to almost nothing
             (intermediate 64, vocab 1024): what the attention blocks cost, without the MLP floor.
   decode    per-token latency of model(next_token, cache=...) at context S, with --decode-layers
-            layers (default 24, the whole model). The cache is filled with S random tokens (a real
+            layers (default 24, the whole model), for --decode-batch sequences at once (default 1; a
+            step then makes one token for each). The cache is filled with S random tokens (a real
             prefill at 64K would take hours here; values do not change the cost); then --warm steps,
             and the median of --steps timed steps, cache appends included. Caches: DSA the one its
             generate() uses (dsa_cache), stock transformers' StaticCache (its fastest) and DynamicCache
@@ -36,7 +37,7 @@ features, k = 512. No grad unless stated.
 
 Variants: "stock" (Qwen2ForCausalLM, SDPA), "dsa" (Qwen2DSAForCausalLM, sparse mode, fast paths),
 "mask" (bench/strawman.py: dense logits + -inf mask; only up to --mask-max tokens, its B*Hq*L*L logits
-alone would need 14 * 4 * L^2 bytes: 15 GB at 16K).
+alone would need 14 * 4 * L^2 bytes: 15 GB at 16K). --variants runs only some of them.
 """
 
 import argparse
@@ -71,6 +72,7 @@ SHAPES = dict(
 )
 ATTENTION_ONLY = dict(intermediate_size=64, vocab_size=1024)  # "decode-attention": MLP and vocabulary ~ nothing
 KINDS = ("prefill", "prefill-attention", "decode", "decode-attention", "train")
+VARIANTS = ("stock", "dsa", "mask")
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # glibc: blocks >= 1 MiB mmapped, returned when freed
 DSA_SHAPES = dsa.DSAConfig(index_n_heads=4, index_head_dim=64, index_rope_dim=32, index_topk=512)
 
@@ -173,7 +175,7 @@ def make_cache(cache_kind: str, model, max_len: int):
 
 
 @torch.no_grad()
-def decode_figure(variant: str, cache_kind: str, context: int, layers: int, warm: int, steps: int, attention_only: bool) -> dict:
+def decode_figure(variant: str, cache_kind: str, context: int, layers: int, warm: int, steps: int, attention_only: bool, batch: int) -> dict:
     device, dtype = device_and_dtype()
     model = build_model(variant, layers, device, dtype, **(ATTENTION_ONLY if attention_only else {}))
     config = model.config
@@ -181,12 +183,12 @@ def decode_figure(variant: str, cache_kind: str, context: int, layers: int, warm
     g = torch.Generator(device=device).manual_seed(0)
     head_dim = config.hidden_size // config.num_attention_heads
     for layer in cache.layers:  # context tokens of random keys/values (and indexer keys)
-        kv = [torch.randn(1, config.num_key_value_heads, context, head_dim, generator=g, device=device, dtype=dtype) for _ in range(2)]
+        kv = [torch.randn(batch, config.num_key_value_heads, context, head_dim, generator=g, device=device, dtype=dtype) for _ in range(2)]
         layer.update(*kv)
         if hasattr(layer, "update_indexer"):
-            layer.update_indexer(torch.randn(1, context, config.index_head_dim, generator=g, device=device, dtype=dtype))
+            layer.update_indexer(torch.randn(batch, context, config.index_head_dim, generator=g, device=device, dtype=dtype))
     del kv
-    tokens = torch.randint(0, config.vocab_size, (warm + steps, 1, 1), generator=torch.Generator().manual_seed(1)).to(device)
+    tokens = torch.randint(0, config.vocab_size, (warm + steps, batch, 1), generator=torch.Generator().manual_seed(1)).to(device)
     times = [timed(lambda: model(tokens[i], cache=cache, use_cache=True), device) for i in range(warm + steps)]
     assert cache.get_seq_length() == context + warm + steps
     return summary(times[warm:])
@@ -224,7 +226,7 @@ def worker(spec: dict) -> dict:
         return prefill_figure(spec["variant"], spec["length"], spec["layers"], spec["runs"], kind == "prefill-attention")
     if kind in ("decode", "decode-attention"):
         return decode_figure(
-            spec["variant"], spec["cache"], spec["length"], spec["layers"], spec["warm"], spec["steps"], kind == "decode-attention"
+            spec["variant"], spec["cache"], spec["length"], spec["layers"], spec["warm"], spec["steps"], kind == "decode-attention", spec["batch"]
         )
     if kind == "train":
         return train_figure(spec["length"], spec["layers"])
@@ -254,10 +256,13 @@ def figures(args) -> list[dict]:
     for kind in ("decode", "decode-attention"):
         for length in args.decode:
             for variant, cache in (("stock", "static"), ("stock", "dynamic"), ("dsa", "dsa"), ("mask", "dsa")):
-                specs.append(dict(kind=kind, variant=variant, cache=cache, length=length, layers=args.decode_layers, warm=args.warm, steps=args.steps))
+                specs.append(
+                    dict(kind=kind, variant=variant, cache=cache, length=length, layers=args.decode_layers, warm=args.warm, steps=args.steps, batch=args.decode_batch)
+                )
     if args.train_length:
         specs.append(dict(kind="train", variant="dsa", length=args.train_length, layers=args.prefill_layers))
-    return [{**spec, "threads": args.threads} for spec in specs if args.kinds is None or spec["kind"] in args.kinds]
+    wanted = lambda spec: spec["kind"] in (args.kinds or KINDS) and spec["variant"] in args.variants  # noqa: E731
+    return [{**spec, "threads": args.threads} for spec in specs if wanted(spec)]
 
 
 def figure_groups(specs: list[dict]) -> list[list[dict]]:
@@ -303,6 +308,7 @@ def main() -> None:
     parser.add_argument("--decode", type=ints, default=ints("4096,8192,16384,32768,65536"))
     parser.add_argument("--prefill-layers", type=int, default=2)
     parser.add_argument("--decode-layers", type=int, default=24)
+    parser.add_argument("--decode-batch", type=int, default=1, help="sequences decoded together (a step makes one token for each)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per process")
     parser.add_argument("--rounds", type=int, default=1, help="processes per figure, the variants of a length taking turns")
     parser.add_argument("--warm", type=int, default=2)
@@ -310,12 +316,17 @@ def main() -> None:
     parser.add_argument("--mask-max", type=int, default=8192, help="longest prefill for the mask-based strawman")
     parser.add_argument("--train-length", type=int, default=8192, help="0: no training-step figure")
     parser.add_argument("--kinds", type=lambda text: text.split(","), help=f"only these figure kinds, comma-separated: {','.join(KINDS)}")
+    parser.add_argument("--variants", type=lambda text: text.split(","), default=list(VARIANTS), help=f"only these variants: {','.join(VARIANTS)}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per figure (see docs/performance.md)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per figure")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.kinds and not set(args.kinds) <= set(KINDS):
         parser.error(f"--kinds: unknown kind(s) {sorted(set(args.kinds) - set(KINDS))}; choose from {','.join(KINDS)}")
+    if not set(args.variants) <= set(VARIANTS):
+        parser.error(f"--variants: unknown variant(s) {sorted(set(args.variants) - set(VARIANTS))}; choose from {','.join(VARIANTS)}")
+    if args.decode_batch < 1:
+        parser.error(f"--decode-batch must be at least 1, got {args.decode_batch}")
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
@@ -345,7 +356,8 @@ def main() -> None:
             report["results"].append(result)
             shown = f"{result['median_s']:.4f} s (cpu {result['median_cpu_s']:.4f} s)" if result["status"] == "ok" else result["status"]
             peak = f", peak {result['peak_mib']:.0f} MiB" if result.get("peak_mib") is not None else ""
-            print(f"{spec['kind']:16} {spec['variant']:5} {spec.get('cache', ''):7} {spec['length']:6}: {shown}{peak}", flush=True)
+            batch = f" x{spec['batch']}" if spec.get("batch", 1) > 1 else ""
+            print(f"{spec['kind']:16} {spec['variant']:5} {spec.get('cache', ''):7} {spec['length']:6}{batch}: {shown}{peak}", flush=True)
             tmp = args.out.with_suffix(".tmp")
             tmp.write_text(json.dumps(report, indent=1) + "\n")
             tmp.replace(args.out)  # atomic: a partial suite leaves a valid file
