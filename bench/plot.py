@@ -3,7 +3,8 @@
     uv run python bench/plot.py bench/results/cpu*.json --png docs/performance.png
 
 Ratios are DSA (or the mask-based strawman) over stock Qwen2 at the same length and thread count, from
-the same suite. Tables are printed per torch thread count; the plot shows the figures of --plot-threads.
+the same suite. Tables are printed per torch thread count and decode batch (--decode-batch); the plot shows
+the figures of --plot-threads at batch 1.
 """
 
 import argparse
@@ -44,12 +45,17 @@ def peak(r: dict | None) -> float | None:
     return r.get("peak_mib") if r else None
 
 
+def batch(r: dict) -> int:
+    """Sequences per decode step (--decode-batch); 1 for every other figure and for suites from before the flag."""
+    return r.get("batch", 1)
+
+
 def lengths(results, kind) -> list[int]:
     return sorted({r["length"] for r in results if r["kind"] == kind})
 
 
 def k(n: int) -> str:
-    return f"{n // 1024}K"
+    return f"{n // 1024}K" if n >= 1024 else str(n)
 
 
 def prefill_table(results, kind) -> str:
@@ -119,9 +125,9 @@ def main() -> None:
     for report in reports:
         print(f"- `{report['command']}` on {report['device']}, {report.get('threads')} thread(s), "
               f"commit {report.get('commit', '?')}, started {report['started']}")
-    for threads in sorted({r["threads"] for r in results}):
-        subset = [r for r in results if r["threads"] == threads]
-        print(f"\n## {threads} torch thread(s)\n")
+    for threads, b in sorted({(r["threads"], batch(r)) for r in results}):
+        subset = [r for r in results if (r["threads"], batch(r)) == (threads, b)]
+        print(f"\n## {threads} torch thread(s)" + (f", {b} sequences per decode step" if b > 1 else "") + "\n")
         for kind in ("prefill", "prefill-attention"):
             if lengths(subset, kind):
                 print(f"{kind}\n\n" + prefill_table(subset, kind) + "\n")
@@ -134,7 +140,7 @@ def main() -> None:
                 print(f"warm-up training step at {k(r['length'])}: {r['median_s']:.1f} s (cpu {r['median_cpu_s']:.1f} s), peak {shown}\n")
             if r["status"] != "ok":
                 print(f"not measured: {r['kind']} {r['variant']} {r.get('cache') or ''} {k(r['length'])}: {r['status']}\n")
-    plot([r for r in results if r["threads"] == args.plot_threads], args.png)
+    plot([r for r in results if r["threads"] == args.plot_threads and batch(r) == 1], args.png)
 
 
 if __name__ == "__main__":
