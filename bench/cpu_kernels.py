@@ -76,9 +76,8 @@ def pairs(S: int, a, b) -> dict:
 def build_against(source: Path):
     try:
         return cpu_attention.build(source, "dsa_cpu_kernels_against")
-    except Exception as error:
-        reason = str(error).strip().splitlines()
-        sys.exit(f"error: --against {source}: the build failed ({reason[-1] if reason else type(error).__name__})")
+    except RuntimeError as error:
+        sys.exit(f"error: --against {source}: the build failed ({error})")
 
 
 def main() -> None:

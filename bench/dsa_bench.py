@@ -261,8 +261,7 @@ def figures(args) -> list[dict]:
                 )
     if args.train_length:
         specs.append(dict(kind="train", variant="dsa", length=args.train_length, layers=args.prefill_layers))
-    wanted = lambda spec: spec["kind"] in (args.kinds or KINDS) and spec["variant"] in args.variants  # noqa: E731
-    return [{**spec, "threads": args.threads} for spec in specs if wanted(spec)]
+    return [{**spec, "threads": args.threads} for spec in specs if spec["kind"] in (args.kinds or KINDS) and spec["variant"] in args.variants]
 
 
 def figure_groups(specs: list[dict]) -> list[list[dict]]:

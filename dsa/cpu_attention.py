@@ -39,9 +39,8 @@ def kernel():
     cpp_extension_log.setLevel(logging.ERROR)  # its import warns that there is no CUDA runtime, as on any CPU machine
     try:
         return build(SOURCE, f"dsa_cpu_kernels_{checkout}")
-    except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch path serves
-        reason = str(error).strip().splitlines()
-        warnings.warn(f"the CPU kernels (dsa/csrc) are not available ({reason[-1] if reason else type(error).__name__}); using the PyTorch path")
+    except RuntimeError as error:  # no compiler, no ninja, a failed build: the PyTorch path serves
+        warnings.warn(f"the CPU kernels (dsa/csrc) are not available ({error}); using the PyTorch path")
         return None
     finally:
         cpp_extension_log.setLevel(level)
@@ -49,10 +48,15 @@ def kernel():
 
 def build(source: Path, name: str):
     """Compile `source` (a version of csrc/cpu_kernels.cpp) as the extension module `name`, or load its cached
-    build; raises where it cannot. `kernel()` builds the package's file; bench/cpu_kernels.py --against another."""
-    from torch.utils.cpp_extension import load
+    build; where it cannot, raises a RuntimeError whose message is one line: the last line of the failure's.
+    `kernel()` builds the package's file; bench/cpu_kernels.py --against another."""
+    try:
+        from torch.utils.cpp_extension import load
 
-    return load(name=name, sources=[str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        return load(name=name, sources=[str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as error:
+        lines = str(error).strip().splitlines()
+        raise RuntimeError(lines[-1] if lines else type(error).__name__) from error
 
 
 def available_for(x: torch.Tensor) -> bool:
