@@ -19,29 +19,12 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dsa
-from dsa.data import resolve_data
 from dsa.errors import UsageError
 from dsa.evaluation import CompareSettings, Variant, compare, device_description, held_out_data, progress_total
-from dsa.presets import DATA_DIR, TINY_ROOT
+from dsa.presets import PRESETS, STAGE_DEFAULTS, stage_values
 from dsa.report import write_report
-from dsa.train_utils import cli, resolve_model
-
-DEFAULTS = dict(
-    model="runs/sparse",
-    data="deepctrl/deepctrl-sft-data",
-    output_dir="runs/compare",
-    lengths="1024,2048,4096",
-    topk="64,128,256,512",
-    passkey_depths="0,0.25,0.5,0.75,1",
-)
-TINY = dict(
-    model=str(TINY_ROOT / "sparse"),
-    data=str(DATA_DIR / "sft_heldout.jsonl"),
-    output_dir=str(TINY_ROOT / "compare"),
-    lengths="256,512,1024",
-    topk="16,32,64,128",
-    passkey_depths="0,0.5,1",
-)
+from dsa.sources import resolve_data, resolve_model
+from dsa.train_utils import cli
 
 
 def int_list(text: str) -> list[int]:
@@ -66,7 +49,7 @@ def float_list(text: str) -> list[float]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Compare a DSA checkpoint with its dense baseline.")
-    p.add_argument("--model", help=f"DSA checkpoint: directory or ModelScope id (default {DEFAULTS['model']})")
+    p.add_argument("--model", help=f"DSA checkpoint: directory or ModelScope id (default {STAGE_DEFAULTS['compare']['model']})")
     p.add_argument("--baseline", help="dense model to compare with (default: --model in dense mode)")
     p.add_argument("--data", help="held-out conversations: JSONL file(s) of the deepctrl schema or a dataset id")
     p.add_argument("--skip-conversations", type=int, default=0, help="skip the first N conversations of --data (those seen in training)")
@@ -86,9 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bf16 on cuda, fp32 on cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", choices=["tiny"], help="tiny: the pipeline's tiny model and bundled held-out data")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="tiny: the pipeline's tiny model and bundled held-out data")
     args = p.parse_args(argv)
-    for name, value in (TINY if args.preset == "tiny" else DEFAULTS).items():
+    for name, value in stage_values("compare", args.preset).items():  # flag > preset > default (dsa/presets.py)
         if getattr(args, name) is None:
             setattr(args, name, value)
     for name, parse in (("lengths", int_list), ("topk", int_list), ("passkey_depths", float_list)):

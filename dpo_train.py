@@ -16,8 +16,9 @@ from functools import partial
 import torch
 
 import dsa
-from dsa.dpo import DPOLoss, PreferencePairs, check_source, collate
+from dsa.dpo import DPOLoss, PreferencePairs, collate
 from dsa.errors import UsageError
+from dsa.sources import resolve_preference_data
 from dsa.tiny import ensure_tiny_base
 from dsa.train_utils import cli, common_parser, load_model, make_accelerator, parse_args, run_training
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.model is None:  # --preset tiny on its own: the tiny dense base model
         args.model = str(ensure_tiny_base())
-    check_source(args.data)  # before loading two models
+    resolve_preference_data(args.data)  # before loading two models: a bad source or an unreachable dataset fails now
     torch.manual_seed(args.seed)
     model, tokenizer, save_dtype = load_model(args.model)
     ref_model, _, _ = load_model(args.ref_model or args.model)

@@ -1,7 +1,7 @@
 """Every stage in order, each one the project's own script in a subprocess:
 dense base -> warmup_train.py (indexers only) -> train.py (sparse) -> dpo_train.py -> compare.py.
 
-    uv run python pipeline.py --preset tiny    # offline, small model built from data/, into runs/tiny/
+    uv run python pipeline.py --preset tiny    # offline, small model built from dsa/samples/, into runs/tiny/
     uv run python pipeline.py                  # Qwen2.5-0.5B + deepctrl-sft-data (+ COIG-P), into runs/
 
 A training stage whose output already holds a final model is skipped (--force reruns it); an unfinished one

@@ -1,4 +1,4 @@
-"""Stage 2, sparse training (DSA_SPEC section 3): load a warm-up checkpoint, switch to top-k sparse attention,
+"""Stage 2, sparse training (docs/method.md, training): load a warm-up checkpoint, switch to top-k sparse attention,
 and train the base model on the language-modelling loss and the indexers on the sparse indexer loss
 (KL over each query's selected keys), each with its own learning rate. The indexer input is detached in the
 model: the LM loss never reaches the indexers, the indexer loss never reaches the base model.
@@ -12,7 +12,8 @@ import torch
 from accelerate.utils import set_seed
 
 import dsa
-from dsa.data import PackedSFT, resolve_data
+from dsa.data import PackedSFT
+from dsa.sources import resolve_data
 from dsa.train_utils import cli, common_parser, load_model, parse_args, run_training
 
 

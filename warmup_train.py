@@ -1,4 +1,4 @@
-"""Stage 1, dense warm-up (DSA_SPEC section 3): add a lightning indexer to every attention layer of a dense
+"""Stage 1, dense warm-up (docs/method.md, training): add a lightning indexer to every attention layer of a dense
 Qwen2 model, freeze every base parameter, keep dense attention, and train only the indexers on
 KL(head-summed attention || softmax(index scores)). Base weights in the output are bit-identical to the input's.
 
@@ -12,8 +12,9 @@ from accelerate.utils import set_seed
 
 import dsa
 from dsa import tiny
-from dsa.data import PackedSFT, resolve_data
+from dsa.data import PackedSFT
 from dsa.errors import UsageError
+from dsa.sources import resolve_data
 from dsa.train_utils import cli, common_parser, load_model, parse_args, run_training
 
 

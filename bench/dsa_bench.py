@@ -1,13 +1,13 @@
 """Speed and memory of DSA against stock Qwen2 (SDPA) and a mask-based DSA, at Qwen2.5-0.5B shapes.
 
-    uv run python bench/dsa_bench.py --out bench/results/cpu.json                 # everything (long)
+    uv run python bench/dsa_bench.py --out /tmp/bench/all.json                     # everything (long)
     uv run python bench/dsa_bench.py --out /tmp/b.json --kinds prefill,decode --prefill 2048 --decode 4096 --runs 1
     uv run python bench/dsa_bench.py --out /tmp/p.json --kinds prefill --prefill 16384 --runs 1 --rounds 3
 
 Every figure (one variant at one length) is measured in fresh processes (--rounds of them, each timing
 --runs runs; the figure is the median over all runs), with the baselines in the same invocation: the
 variants of one length run back to back, taking turns round by round, so that the machine's drift over
-minutes (10-20% on the shared CPU of docs/performance.md) hits them alike. Models have random weights
+minutes (10-20% on a shared CPU) hits them alike. Models have random weights
 (timing does not depend on them) with the attention shapes of Qwen2.5-0.5B: hidden 896, 14 query heads,
 2 KV heads, head_dim 64, MLP 4864, vocab 151936, tied embeddings; DSA indexer 4 heads x 64, RoPE on 32
 features, k = 512. No grad unless stated.
@@ -35,7 +35,7 @@ features, k = 512. No grad unless stated.
             call warmup_train.py makes, AdamW step), after one step at 256 tokens; peak as above (on
             CPU: from a second process, with MEMORY_ENV).
 
-Variants: "stock" (Qwen2ForCausalLM, SDPA), "dsa" (Qwen2DSAForCausalLM, sparse mode, fast paths),
+Variants: "stock" (Qwen2ForCausalLM, SDPA), "dsa" (Qwen2DSAForCausalLM, sparse mode, on --backend),
 "mask" (bench/strawman.py: dense logits + -inf mask; only up to --mask-max tokens, its B*Hq*L*L logits
 alone would need 14 * 4 * L^2 bytes: 15 GB at 16K). --variants runs only some of them.
 """
@@ -56,7 +56,7 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM, StaticCach
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: dsa, bench
 import dsa  # noqa: E402
-from bench.strawman import use_masked_attention  # noqa: E402
+from bench.strawman import MaskedDenseBackend  # noqa: E402
 from dsa.config import dsa_config_from  # noqa: E402
 from dsa.modeling import dsa_cache  # noqa: E402
 
@@ -88,7 +88,8 @@ def device_and_dtype() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def build_model(variant: str, layers: int, device, dtype, **overrides):
+def build_model(variant: str, layers: int, device, dtype, backend: str = "auto", **overrides):
+    """A random-weight model of `variant`; DSA runs on `backend` (the mask-based strawman on its own backend)."""
     torch.manual_seed(0)
     config = Qwen2Config(**{**SHAPES, **overrides}, num_hidden_layers=layers)
     config._attn_implementation = "sdpa"
@@ -96,10 +97,8 @@ def build_model(variant: str, layers: int, device, dtype, **overrides):
         model = Qwen2ForCausalLM(config)
     else:
         model = dsa.Qwen2DSAForCausalLM(dsa_config_from(config, DSA_SHAPES))
-        if variant == "mask":
-            use_masked_attention(model)
-        elif device.type == "cpu":
-            dsa.cpu_attention.kernel()  # build or load the CPU kernel now, not inside a timed run
+        dsa.set_backend(model, MaskedDenseBackend() if variant == "mask" else backend)
+        dsa.backends.resolve(backend, device)  # build "auto"'s kernels now, not inside a timed run
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -153,9 +152,9 @@ def summary(timings: list[tuple[float, float]], **extra) -> dict:
 
 
 @torch.no_grad()
-def prefill_figure(variant: str, length: int, layers: int, runs: int, attention_only: bool) -> dict:
+def prefill_figure(variant: str, length: int, layers: int, runs: int, attention_only: bool, backend: str) -> dict:
     device, dtype = device_and_dtype()
-    model = build_model(variant, layers, device, dtype, **(ATTENTION_ONLY if attention_only else {}))
+    model = build_model(variant, layers, device, dtype, backend, **(ATTENTION_ONLY if attention_only else {}))
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
     model(ids[:, :256], use_cache=True, logits_to_keep=1)  # warm-up
     times, peaks = [], []
@@ -175,9 +174,9 @@ def make_cache(cache_kind: str, model, max_len: int):
 
 
 @torch.no_grad()
-def decode_figure(variant: str, cache_kind: str, context: int, layers: int, warm: int, steps: int, attention_only: bool, batch: int) -> dict:
+def decode_figure(variant: str, cache_kind: str, context: int, layers: int, warm: int, steps: int, attention_only: bool, batch: int, backend: str) -> dict:
     device, dtype = device_and_dtype()
-    model = build_model(variant, layers, device, dtype, **(ATTENTION_ONLY if attention_only else {}))
+    model = build_model(variant, layers, device, dtype, backend, **(ATTENTION_ONLY if attention_only else {}))
     config = model.config
     cache = make_cache(cache_kind, model, context + warm + steps)
     g = torch.Generator(device=device).manual_seed(0)
@@ -194,10 +193,10 @@ def decode_figure(variant: str, cache_kind: str, context: int, layers: int, warm
     return summary(times[warm:])
 
 
-def train_figure(length: int, layers: int) -> dict:
+def train_figure(length: int, layers: int, backend: str) -> dict:
     """One warm-up-stage step (warmup_train.py): only the indexers train, on the indexer KL."""
     device, dtype = device_and_dtype()
-    model = build_model("dsa", layers, device, dtype)
+    model = build_model("dsa", layers, device, dtype, backend)
     model.requires_grad_(False)
     indexer = [p for name, p in model.named_parameters() if ".indexer." in name]
     for p in indexer:
@@ -223,13 +222,13 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     kind = spec["kind"]
     if kind in ("prefill", "prefill-attention"):
-        return prefill_figure(spec["variant"], spec["length"], spec["layers"], spec["runs"], kind == "prefill-attention")
+        return prefill_figure(spec["variant"], spec["length"], spec["layers"], spec["runs"], kind == "prefill-attention", spec["backend"])
     if kind in ("decode", "decode-attention"):
         return decode_figure(
-            spec["variant"], spec["cache"], spec["length"], spec["layers"], spec["warm"], spec["steps"], kind == "decode-attention", spec["batch"]
+            spec["variant"], spec["cache"], spec["length"], spec["layers"], spec["warm"], spec["steps"], kind == "decode-attention", spec["batch"], spec["backend"]
         )
     if kind == "train":
-        return train_figure(spec["length"], spec["layers"])
+        return train_figure(spec["length"], spec["layers"], spec["backend"])
     raise ValueError(f"unknown figure kind {kind!r}")
 
 
@@ -261,7 +260,7 @@ def figures(args) -> list[dict]:
                 )
     if args.train_length:
         specs.append(dict(kind="train", variant="dsa", length=args.train_length, layers=args.prefill_layers))
-    return [{**spec, "threads": args.threads} for spec in specs if spec["kind"] in (args.kinds or KINDS) and spec["variant"] in args.variants]
+    return [{**spec, "threads": args.threads, "backend": args.backend} for spec in specs if spec["kind"] in (args.kinds or KINDS) and spec["variant"] in args.variants]
 
 
 def figure_groups(specs: list[dict]) -> list[list[dict]]:
@@ -302,7 +301,8 @@ def run_in_subprocess(spec: dict, timeout: int, env: dict | None = None) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
-    parser.add_argument("--out", type=Path, default=Path("bench/results/cpu.json"))
+    parser.add_argument("--out", type=Path, help="the JSON file to write (atomically, after each figure); required")
+    parser.add_argument("--backend", default="auto", help="the DSA backend of the dsa variant (dsa.available_backends())")
     parser.add_argument("--prefill", type=ints, default=ints("2048,4096,8192,16384,32768"))
     parser.add_argument("--decode", type=ints, default=ints("4096,8192,16384,32768,65536"))
     parser.add_argument("--prefill-layers", type=int, default=2)
@@ -329,11 +329,16 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    if args.out is None:
+        parser.error("--out FILE is required")
+    if args.backend not in dsa.available_backends():
+        parser.error(f"--backend: {args.backend!r} does not run here; choose from {','.join(dsa.available_backends())}")
 
     report = {
         "command": " ".join(["uv run python", *sys.argv]),
         "device": device_name(),
         "threads": args.threads,
+        "backend": args.backend,
         "torch": torch.__version__,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -1,6 +1,6 @@
 """Tables (markdown, on stdout) and a plot (PNG) of bench/dsa_bench.py results.
 
-    uv run python bench/plot.py bench/results/cpu*.json --png docs/performance.png
+    uv run python bench/plot.py bench/results/xeon/*.json --png docs/performance.png
 
 Ratios are DSA (or the mask-based strawman) over stock Qwen2 at the same length and thread count, from
 the same suite. Tables are printed per torch thread count and decode batch (--decode-batch); the plot shows

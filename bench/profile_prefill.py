@@ -19,6 +19,7 @@ from bench.dsa_bench import ATTENTION_ONLY, build_model, device_and_dtype  # noq
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=("stock", "dsa", "mask"), default="dsa")
+    parser.add_argument("--backend", default="auto", help="the DSA backend (dsa.available_backends())")
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
@@ -27,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = device_and_dtype()
-    model = build_model(args.variant, args.layers, device, dtype, **(ATTENTION_ONLY if args.attention_only else {}))
+    model = build_model(args.variant, args.layers, device, dtype, args.backend, **(ATTENTION_ONLY if args.attention_only else {}))
     ids = torch.randint(0, 1000, (1, args.length), device=device)
     with torch.no_grad():
         model(ids[:, :256], logits_to_keep=1)  # warm-up

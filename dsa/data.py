@@ -1,6 +1,6 @@
 """deepctrl-sft-data (or any JSONL of its schema) as a stream of packed, labelled training windows.
 
-Record -> chat messages (one JSON object per line; schema in DSA_SPEC section 6):
+Record -> chat messages (one JSON object per line; schema in docs/method.md, data formats):
     for [user, assistant] in history:  user, assistant
     then  user = instruction + "\\n" + input  (either part may be empty),  assistant = output
 A line is malformed, skipped and counted, when it is not JSON, not an object, or when `input`/`output` are
@@ -23,7 +23,6 @@ skips a number of windows (`accelerate.skip_first_batches`).
 """
 
 import json
-import re
 from collections.abc import Iterator
 from itertools import zip_longest
 from pathlib import Path
@@ -33,10 +32,7 @@ from torch.utils.data import IterableDataset
 
 from .errors import UsageError
 
-DEEPCTRL_ID = "deepctrl/deepctrl-sft-data"
-DEEPCTRL_FILES = ("sft_data_zh.jsonl", "sft_data_en.jsonl")
 IGNORE_INDEX = -100
-DATASET_ID = re.compile(r"^[\w.-]+/[\w.-]+(:[\w./-]+)?$")  # owner/name or owner/name:file
 
 
 def record_to_messages(record) -> list[dict] | None:
@@ -137,37 +133,3 @@ class PackedSFT(IterableDataset):
                         yield {"input_ids": torch.tensor(window_ids), "labels": torch.tensor(window_labels)}
             if not found:
                 raise UsageError(f"no valid conversation in {', '.join(map(str, self.paths))}")
-
-
-def resolve_data(spec: str) -> list[Path]:
-    """The JSONL files named by --data: comma-separated local files, or a ModelScope dataset id
-    ("deepctrl/deepctrl-sft-data" = both of its files, "owner/name:file.jsonl" = one file), downloaded
-    with modelscope into its cache."""
-    paths = []
-    for item in (part.strip() for part in spec.split(",")):
-        path = Path(item).expanduser()
-        if path.is_file():
-            paths.append(path)
-        elif path.suffix or path.exists() or item.startswith((".", "/", "~")) or not DATASET_ID.match(item):
-            raise UsageError(f"data file not found: {item}")
-        else:
-            paths += download_dataset(item)
-    return paths
-
-
-def download_dataset(item: str) -> list[Path]:
-    from modelscope import dataset_snapshot_download
-
-    dataset_id, _, file = item.partition(":")
-    files = [file] if file else list(DEEPCTRL_FILES) if dataset_id == DEEPCTRL_ID else ["*.jsonl"]
-    try:
-        root = Path(dataset_snapshot_download(dataset_id, allow_file_pattern=files))
-    except Exception as e:  # network, unknown id: one line for the user
-        raise UsageError(
-            f"cannot download dataset {dataset_id!r} from ModelScope ({type(e).__name__}); "
-            "pass a local JSONL file with --data PATH or use --preset tiny"
-        ) from None
-    paths = sorted(p for pattern in files for p in root.glob(pattern))
-    if not paths:
-        raise UsageError(f"dataset {dataset_id!r} has no file matching {', '.join(files)}")
-    return paths

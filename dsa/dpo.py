@@ -1,6 +1,6 @@
 """Direct Preference Optimization (DPO, Rafailov et al. 2023) on COIG-P preference pairs, dense or DSA.
 
-Data. A COIG-P row (DSA_SPEC section 6): `conversations` = [{"from": "human" | "gpt" | "system",
+Data. A COIG-P row (docs/method.md, data formats): `conversations` = [{"from": "human" | "gpt" | "system",
 "value": str}, ...] ending with a human turn; `chosen` and `rejected` = {"from": "gpt", "value": str}.
 It becomes chat messages (human -> user, gpt -> assistant) and two replies, rendered with the chat
 template of the tokenizer:
@@ -40,7 +40,6 @@ still logged (`indexer_kl`) to show the drift.
 """
 
 import json
-import re
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -50,8 +49,8 @@ import torch.nn.functional as F
 
 from .data import IGNORE_INDEX as IGNORE
 from .errors import UsageError
+from .sources import resolve_preference_data
 
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name
 ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 
 
@@ -148,41 +147,25 @@ def collate(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 def read_rows(source: str) -> Iterator[dict | None]:
     """Raw rows of a COIG-P source, in file order; a line that is not JSON yields None (counted as malformed).
 
-    source: a local .jsonl / .parquet file, a local directory (all its .jsonl / .parquet files, sorted),
-    "modelscope:<dataset id>" (downloaded with modelscope, then read as a directory), or a Hugging Face
-    hub dataset id such as m-a-p/COIG-P (streamed with datasets, split "train")."""
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.suffix in (".jsonl", ".parquet"))
-        if not files:
-            raise UsageError(f"data directory has no .jsonl or .parquet file: {source}")
-        for f in files:
-            yield from read_rows(str(f))
-    elif path.suffix == ".jsonl":
-        if not path.is_file():
-            raise UsageError(f"data file not found: {source}")
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield json_or_none(line)
-    elif path.suffix == ".parquet":
-        if not path.is_file():
-            raise UsageError(f"data file not found: {source}")
-        import pyarrow.parquet as pq
+    source: what `dsa.sources.resolve_preference_data` accepts: a local .jsonl / .parquet file, a local
+    directory (all its .jsonl / .parquet files, sorted), "modelscope:<dataset id>" (downloaded with
+    modelscope, then read as a directory), or a Hugging Face hub dataset id such as m-a-p/COIG-P (streamed
+    with datasets, split "train"). A bad source is a UsageError at the first row."""
+    data = resolve_preference_data(source)
+    if not isinstance(data, list):  # a hub dataset's rows
+        yield from data
+        return
+    for path in data:
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        yield json_or_none(line)
+        else:  # .parquet
+            import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
-    elif source.startswith("modelscope:"):
-        yield from read_rows(modelscope_download(source.removeprefix("modelscope:")))
-    elif HUB_ID.match(source) and not path.exists():
-        yield from hub_rows(source)
-    else:
-        raise UsageError(f"data file not found or not .jsonl / .parquet: {source}")
-
-
-def check_source(source: str) -> None:
-    """Open the source and read its first row: a UsageError now for a missing file or an unreachable dataset."""
-    next(read_rows(source), None)
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
 
 
 def json_or_none(line: str):
@@ -190,40 +173,6 @@ def json_or_none(line: str):
         return json.loads(line)
     except json.JSONDecodeError:
         return None
-
-
-def modelscope_download(dataset_id: str) -> str:
-    import logging
-
-    from modelscope import dataset_snapshot_download
-
-    logging.getLogger("modelscope_hub").setLevel(logging.ERROR)  # retries are reported in the error below
-    try:
-        return dataset_snapshot_download(dataset_id, allow_file_pattern=["*.parquet", "*.jsonl"])
-    except Exception as e:
-        raise UsageError(
-            f"cannot download dataset {dataset_id!r} from ModelScope ({type(e).__name__}); "
-            "pass a local .jsonl/.parquet with --data PATH, or --preset tiny"
-        ) from None
-
-
-def hub_rows(dataset_id: str) -> Iterator[dict]:
-    import logging
-
-    import datasets
-
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retries are reported in the error below
-    try:
-        rows = datasets.load_dataset(dataset_id, split="train", streaming=True)
-        first = iter(rows)
-        row = next(first)
-    except Exception as e:
-        raise UsageError(
-            f"data {dataset_id!r} is not a local file and cannot be read from the Hugging Face hub "
-            f"({type(e).__name__}); pass a local .jsonl/.parquet with --data PATH, or --preset tiny"
-        ) from None
-    yield row
-    yield from first
 
 
 class PreferencePairs(torch.utils.data.IterableDataset):

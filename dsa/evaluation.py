@@ -1,4 +1,4 @@
-"""Dense vs DSA measurements (DSA_SPEC section 5): perplexity, indexer recall, passkey, generations, speed.
+"""Dense vs DSA measurements: perplexity, indexer recall, passkey, generations, speed.
 
 Each side of a comparison is a `Variant`: a model plus the DSA mode / top-k it runs in. The DSA checkpoint
 serves both sides when no separate baseline is given (`dsa.set_mode(model, "dense")` is stock attention).
@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache, GenerationConfig
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from .attention import allowed_keys, query_chunks, select_topk
 from .data import PackedSFT, encode_conversation
-from .losses import attention_target
+from .core import allowed_keys, attention_target, query_chunks, select_topk
 from .modeling import Qwen2DSAForCausalLM, dsa_cache, set_mode, set_topk
 
 
@@ -165,7 +164,7 @@ def recall_rows(p: torch.Tensor, indexer_keys: torch.Tensor, query_index: torch.
     """Recall of each query row for a budget of k keys.
 
     p: B, T, S dense attention target (head-summed, rows L1-normalized, 0 on non-causal keys);
-    indexer_keys: B, T, min(k, S) the keys the indexer selects (dsa.attention.select_topk);
+    indexer_keys: B, T, min(k, S) the keys the indexer selects (dsa.core.select_topk);
     query_index: T (cache index of each query: its causal keys are 0..i).
     Returns method -> B, T, the mass sum_{s in S_t} p[t, s] of the set chosen by
       indexer  the indexer's top-k (what DSA attends),
@@ -196,7 +195,7 @@ def layer_recall_sums(attn, hidden: torch.Tensor, position_embeddings, position_
     q = attn.q_proj(hidden).view(shape).transpose(1, 2)  # B, Hq, T, D
     k = attn.k_proj(hidden).view(shape).transpose(1, 2)  # B, Hkv, T, D
     q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-    q_idx, k_idx, w_idx = attn.indexer(hidden, position_ids)
+    q_I, k_I, w_I = attn.indexer(hidden, position_ids)
     Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
     query_index = torch.arange(T, device=hidden.device)
     sums = {kk: dict.fromkeys((*RECALL_METHODS, "rows"), 0.0) for kk in topks}
@@ -207,7 +206,7 @@ def layer_recall_sums(attn, hidden: torch.Tensor, position_embeddings, position_
         allowed = allowed_keys(query_index[rows], None, T)  # 1, C, T
         p = attention_target(logits.reshape(B, Hq, C, T), allowed)  # B, C, T
         for kk in topks:
-            selected, _ = select_topk(q_idx[:, rows], k_idx, w_idx[:, rows], query_index[rows], None, kk)  # B, C, K
+            selected, _ = select_topk(q_I[:, rows], k_I, w_I[:, rows], query_index[rows], None, kk)  # B, C, K
             counted = (query_index[rows] + 1 > kk).float()  # C
             for method, recall in recall_rows(p, selected, query_index[rows], kk).items():
                 sums[kk][method] += (recall * counted).sum().item()
@@ -252,7 +251,7 @@ def indexer_recall(model, windows: torch.Tensor, topks: list[int]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. Passkey retrieval (DSA_SPEC section 5), as a chat turn
+# 3. Passkey retrieval (the standard pass-key test), as a chat turn
 # ---------------------------------------------------------------------------------------------------
 
 PASSKEY_HEADER = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it."

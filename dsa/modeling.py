@@ -1,68 +1,85 @@
-"""DSA on Qwen2: every attention layer gets a lightning indexer and runs top-k sparse attention.
+"""DSA on Qwen2 in transformers: every attention layer gets a lightning indexer and runs dsa.core's sparse attention.
 
-Modes (`set_mode`), per forward of one attention layer:
+The attention layer projects q/k/v, applies RoPE, updates the cache and hands the rest to dsa.core. Modes
+(`set_mode`), per forward of one layer:
   dense   stock Qwen2 attention (the model's attn_implementation); the indexer is not run.
-  warmup  stock dense attention; in training, indexer loss against the full causal attention.
-  sparse  each query attends only its top-k keys by index score; in training, indexer loss on the
-          selected set. The default, and the mode a reloaded checkpoint starts in.
-
-The indexer keys of past tokens live in the transformers cache object (`DynamicIndexedLayer`,
-`cache.update_indexer`), beside the main KV cache, which still stores every token.
+  warmup  stock dense attention; in training, the indexer loss against the full causal attention.
+  sparse  each query attends only its top-k keys by index score; in training, the indexer loss on the selected
+          set. The default, and the mode a reloaded checkpoint starts in.
+The backend (`set_backend`, dsa/backends.py) decides how the selection and the sparse attention are computed.
+The indexer keys of past tokens live in the cache object (`DynamicIndexedLayer`, `cache.update_indexer`), beside
+the main KV cache, which still stores every token.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicCache
 from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, apply_rotary_pos_emb, eager_attention_forward
 from transformers.utils.deprecation import deprecate_kwarg
 
-from . import attention
-from .attention import allowed_keys, query_chunks, select_topk
+from . import backends
 from .cache import GrowingIndexedLayer
 from .config import DSAConfig, Qwen2DSAConfig, dsa_config_from
-from .indexer import LightningIndexer
-from .losses import query_rows, sparse_kl, warmup_kl, warmup_loss
+from .core import Backend, LightningIndexer, dsa_attention
 
 MODES = ("dense", "warmup", "sparse")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # static frequencies; "dynamic" and "longrope" depend on the length
 
 
-def maybe_checkpoint(fn: Callable, *args):
-    """Run fn, recomputing it in backward when autograd is on: a query chunk then keeps only its
-    inputs alive, so training memory stays O(L * k) instead of the chunks' O(L * S) intermediates."""
-    if torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+class RopeAtWidth:
+    """What transformers' RoPE initialisers read from a config, for a head of `width` features: the indexer's RoPE
+    follows the model's rope parameters at the indexer's own rope width."""
+
+    def __init__(self, config, width: int):
+        self.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": 1.0}
+        self.head_dim, self.hidden_size, self.num_attention_heads = width, config.hidden_size, config.num_attention_heads
+        self.max_position_embeddings = config.max_position_embeddings
+
+    def standardize_rope_params(self) -> None:
+        pass
+
+
+def indexer_rope(config, rope_dim: int) -> tuple[list[float], float]:
+    """(inv_freq, scale) of the indexer's RoPE: the model's rope type and parameters at width rope_dim. A rope type
+    whose frequencies change with the sequence length is refused with a ValueError naming it."""
+    params = config.rope_parameters
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"the DSA indexer supports rope_type {list(ROPE_TYPES)}; this model has {rope_type!r}")
+    if not rope_dim:
+        return [], 1.0
+    with torch.device("cpu"):  # also when the model is being built on the meta device
+        if rope_type == "default":
+            dims = torch.arange(0, rope_dim, 2, dtype=torch.float32)
+            return (1.0 / (params["rope_theta"] ** (dims / rope_dim))).tolist(), 1.0
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](RopeAtWidth(config, rope_dim), "cpu")
+    return inv_freq.float().tolist(), float(scale)
 
 
 class Qwen2DSAAttention(Qwen2Attention):
     def __init__(self, config: Qwen2DSAConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.indexer = LightningIndexer(
-            config.hidden_size,
-            config.index_n_heads,
-            config.index_head_dim,
-            config.index_rope_dim,
-            config.rope_parameters["rope_theta"],
-        )
+        inv_freq, rope_scale = indexer_rope(config, config.index_rope_dim)
+        self.indexer = LightningIndexer(config.hidden_size, config.index_n_heads, config.index_head_dim, config.index_rope_dim, inv_freq, rope_scale)
         self.topk = config.index_topk
         self.mode = "sparse"
-        self.indexer_loss: torch.Tensor | None = None  # set by each training forward in warmup/sparse mode
+        self.backend: str | Backend = "auto"  # a name of dsa.backends or a Backend; see set_backend
+        self.indexer_loss: torch.Tensor | None = None  # set by each training forward in warmup / sparse mode
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,  # B, T, hidden (output of input_layernorm)
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,  # the stock mask, used by the dense path
+        attention_mask: torch.Tensor | None,  # the stock mask, used by dense attention
         cache=None,
-        position_ids: torch.Tensor | None = None,  # B or 1, T
+        position_ids: torch.Tensor | None = None,  # B|1, T
         dsa_key_padding: torch.Tensor | None = None,  # B, S bool, True = real token (None: no padding)
         **kwargs,
     ):
@@ -71,116 +88,50 @@ class Qwen2DSAAttention(Qwen2Attention):
         q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # B, Hq, T, D
         k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # B, Hkv, T, D
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # B, Hkv, T, D
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         n_past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # B, Hkv, S, D with S = n_past + T
         self.indexer_loss = None
 
         if self.mode == "dense" or (self.mode == "warmup" and not self.training):
-            out = self.dense_attention(q, k, v, attention_mask, **kwargs)
+            out = self.stock_attention(q, k, v, attention_mask, **kwargs)
         else:
             if position_ids is None:
                 position_ids = torch.arange(n_past, n_past + T, device=q.device)[None]
-            q_idx, k_idx, w_idx = self.indexer(hidden_states, position_ids)  # B,T,H_I,d_I  B,T,d_I  B,T,H_I
+            q_I, k_I, w_I = self.indexer(hidden_states, position_ids)  # B, T, H_I, d_I; B, T, d_I; B, T, H_I
             if cache is not None:
-                k_idx = cache.update_indexer(k_idx, self.layer_idx)  # B, S, d_I
-            query_index = torch.arange(n_past, n_past + T, device=q.device)  # cache index of each query
+                k_I = cache.update_indexer(k_I, self.layer_idx)  # B, S, d_I
+            query_pos = torch.arange(n_past, n_past + T, device=q.device)  # cache position of each query
+            backend = backends.resolve(self.backend, q.device)
             if self.mode == "warmup":
-                out = self.dense_attention(q, k, v, attention_mask, **kwargs)
-                self.indexer_loss = self.warmup_loss(q, k, q_idx, k_idx, w_idx, query_index, dsa_key_padding)
+                out = self.stock_attention(q, k, v, attention_mask, **kwargs)
+                self.indexer_loss = backend.warmup_loss(q, k, q_I, k_I, w_I, query_pos, dsa_key_padding, self.scaling)
             else:
-                out = self.sparse_attention(q, k, v, q_idx, k_idx, w_idx, query_index, dsa_key_padding)
+                out, self.indexer_loss = dsa_attention(
+                    q, k, v, q_I, k_I, w_I, query_pos, dsa_key_padding, self.topk, self.scaling, self.training, backend
+                )
+        return self.o_proj(out.reshape(B, T, -1).contiguous()), None
 
-        out = out.reshape(B, T, -1).contiguous()  # B, T, Hq * D
-        return self.o_proj(out), None
-
-    def dense_attention(self, q, k, v, attention_mask, **kwargs) -> torch.Tensor:
+    def stock_attention(self, q, k, v, attention_mask, **kwargs) -> torch.Tensor:
         """The stock Qwen2 attention call (SDPA, eager, flash... per config). Returns B, T, Hq, D."""
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         kwargs.pop("use_cache", None)
-        out, _ = attention_interface(
-            self,
-            q,
-            k,
-            v,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            sliding_window=self.sliding_window,
-            **kwargs,
-        )
+        dropout = self.attention_dropout if self.training else 0.0
+        out, _ = attention_interface(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
         return out
-
-    def sparse_attention(self, q, k, v, q_idx, k_idx, w_idx, query_index, key_padding) -> torch.Tensor:
-        """Top-k sparse attention, query chunk by query chunk; in training also the sparse indexer loss.
-
-        With attention.FAST_PATHS (the default) a chunk sees only the keys up to its last query (the later
-        ones are never allowed), a chunk whose queries have at most k keys is dense attention (top-k would
-        select every allowed key; the indexer loss is then over the whole causal row, which is the selected
-        set), and the selected keys are attended by `attention.fast_sparse_attention_for`: masked dense attention
-        in a chunk of at most MASKED_DENSE_KEYS * k keys, else `sparse_attention_fast` (or the Triton kernel on a
-        GPU at inference). Otherwise: the reference path.
-        """
-        S, T = k.shape[2], len(query_index)  # query_index = S - T, ..., S - 1
-        fast = attention.FAST_PATHS
-        if fast:
-            k, v = attention.per_head_contiguous(k), attention.per_head_contiguous(v)
-        outs, kl_sum, n_rows = [], 0.0, 0
-        scratch = attention.Scratch() if fast else None  # the chunks reuse its buffers (index scores, selected keys)
-        for rows in query_chunks(T, S):
-            n_keys = S - T + rows.stop if fast else S
-            k_c, v_c, k_idx_c = k[:, :, :n_keys], v[:, :, :n_keys], k_idx[:, :n_keys]
-            padding = None if key_padding is None else key_padding[:, :n_keys]
-            q_c, q_idx_c, w_idx_c = q[:, :, rows], q_idx[:, rows], w_idx[:, rows]
-            if fast and n_keys <= self.topk:
-                allowed = allowed_keys(query_index[rows], padding, n_keys)  # B|1, C, n_keys
-                outs.append(maybe_checkpoint(attention.dense_attention, q_c, k_c, v_c, allowed, self.scaling))
-                if self.training:
-                    kl = maybe_checkpoint(warmup_kl, q_c, k_c, q_idx_c, k_idx_c, w_idx_c, allowed, self.scaling)
-            else:
-                indices, valid = select_topk(q_idx_c, k_idx_c, w_idx_c, query_index[rows], padding, self.topk, fast, scratch)  # B, C, K
-                attend = attention.fast_sparse_attention_for(q_c, n_keys, self.topk, scratch) if fast else attention.sparse_attention
-                outs.append(maybe_checkpoint(attend, q_c, k_c, v_c, indices, valid, self.scaling))
-                if self.training:
-                    kl = maybe_checkpoint(sparse_kl, q_c, k_c, q_idx_c, k_idx_c, w_idx_c, indices, valid, self.scaling)
-            if self.training:
-                counted = query_rows(query_index[rows], key_padding)
-                kl_sum, n_rows = kl_sum + (kl * counted).sum(), n_rows + counted.sum()
-        if self.training:
-            self.indexer_loss = kl_sum / max(n_rows, 1)
-        return torch.cat(outs, dim=1)  # B, T, Hq, D
-
-    def warmup_loss(self, q, k, q_idx, k_idx, w_idx, query_index, key_padding) -> torch.Tensor:
-        """The warm-up indexer loss over full causal rows, query chunk by query chunk: the mean over real query
-        rows of `warmup_kl`. With attention.FAST_PATHS its gradient is computed in the same pass
-        (`losses.WarmupLoss`); the reference leaves it to autograd and recomputes each chunk in backward."""
-        if attention.FAST_PATHS:
-            return warmup_loss(q, k, q_idx, k_idx, w_idx, query_index, key_padding, self.scaling)
-        S = k.shape[2]
-        kl_sum, n_rows = 0.0, 0
-        for rows in query_chunks(len(query_index), S):
-            allowed = allowed_keys(query_index[rows], key_padding, S)
-            kl = maybe_checkpoint(warmup_kl, q[:, :, rows], k, q_idx[:, rows], k_idx, w_idx[:, rows], allowed, self.scaling)
-            counted = query_rows(query_index[rows], key_padding)
-            kl_sum, n_rows = kl_sum + (kl * counted).sum(), n_rows + counted.sum()
-        return kl_sum / max(n_rows, 1)
 
 
 @dataclass
 class DSACausalLMOutput(CausalLMOutputWithPast):
-    """`loss`: language-modelling loss only. `indexer_loss`: mean over layers of the indexer KL
-    (a scalar whenever the mode is warmup/sparse and the model is in training mode, else None)."""
+    """`loss`: language-modelling loss only. `indexer_loss`: mean over layers of the indexer KL (a scalar whenever
+    the mode is warmup / sparse and the model is in training mode, else None)."""
 
     indexer_loss: torch.FloatTensor | None = None
 
 
 def dsa_cache(config) -> DynamicCache:
-    """A DynamicCache whose layers also keep the indexer keys (DynamicIndexedLayer, appending in place:
-    `cache.GrowingIndexedLayer`)."""
+    """A DynamicCache whose layers also keep the indexer keys (appending in place: `cache.GrowingIndexedLayer`)."""
     cache = DynamicCache(config=config)
     cache.layers = [GrowingIndexedLayer() for _ in range(config.num_hidden_layers)]
     return cache
@@ -189,6 +140,7 @@ def dsa_cache(config) -> DynamicCache:
 class Qwen2DSAForCausalLM(Qwen2ForCausalLM):
     config_class = Qwen2DSAConfig
     config: Qwen2DSAConfig
+    _keep_in_fp32_modules_strict = ["weights_proj"]  # the indexer weights w are fp32, also in a bf16 checkpoint
 
     def __init__(self, config: Qwen2DSAConfig):
         super().__init__(config)
@@ -208,17 +160,13 @@ class Qwen2DSAForCausalLM(Qwen2ForCausalLM):
                 raise ValueError(f"DSA models take a 2D attention_mask (batch, keys); got shape {tuple(attention_mask.shape)}")
             if not attention_mask.bool().all():
                 key_padding = attention_mask.bool()
+        if all(layer.self_attn.mode == "sparse" for layer in self.model.layers):
+            attention_mask = None  # sparse layers read key_padding; no B x 1 x T x S mask is built for them
         kwargs["return_dict"] = True
         out = super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            cache=cache,
-            use_cache=use_cache,
-            dsa_key_padding=key_padding,
-            **kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache, dsa_key_padding=key_padding, **kwargs
         )
-        losses = [layer.self_attn.indexer_loss for layer in self.model.layers]
-        losses = [loss for loss in losses if loss is not None]
+        losses = [layer.self_attn.indexer_loss for layer in self.model.layers if layer.self_attn.indexer_loss is not None]
         return DSACausalLMOutput(**out, indexer_loss=torch.stack(losses).mean() if losses else None)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
@@ -230,12 +178,11 @@ class Qwen2DSAForCausalLM(Qwen2ForCausalLM):
 
 
 def add_indexers(model: Qwen2ForCausalLM, dsa_config: DSAConfig) -> Qwen2DSAForCausalLM:
-    """A DSA model built from a dense Qwen2ForCausalLM: the same base weights (copied unchanged), a fresh
-    lightning indexer in every layer's `self_attn.indexer`, mode "sparse"."""
+    """A DSA model built from a dense Qwen2ForCausalLM: the same base weights (copied unchanged), a fresh lightning
+    indexer in every layer's `self_attn.indexer` (weights_proj in fp32 whatever the model's dtype), mode "sparse",
+    backend "auto"."""
     if type(model) is not Qwen2ForCausalLM:
-        raise TypeError(
-            f"add_indexers supports Qwen2ForCausalLM (Qwen2 / Qwen2.5 checkpoints); got {type(model).__name__}"
-        )
+        raise TypeError(f"add_indexers supports Qwen2ForCausalLM (Qwen2 / Qwen2.5 checkpoints); got {type(model).__name__}")
     if not isinstance(dsa_config, DSAConfig):
         raise TypeError(f"dsa_config must be a dsa.DSAConfig, got {type(dsa_config).__name__}")
     param = next(model.parameters())
@@ -247,7 +194,9 @@ def add_indexers(model: Qwen2ForCausalLM, dsa_config: DSAConfig) -> Qwen2DSAForC
         raise RuntimeError(f"weights did not map onto the DSA model: missing {missing}, unexpected {unexpected}")
     dsa_model.tie_weights()  # the load above copied lm_head into its own tensor: tie it back (tied configs)
     for layer in dsa_model.model.layers:
-        layer.self_attn.indexer.apply(dsa_model._init_weights)  # normal(0, initializer_range); LayerNorm 1, 0
+        indexer = layer.self_attn.indexer
+        indexer.weights_proj.float()
+        indexer.apply(dsa_model._init_weights)  # normal(0, initializer_range); LayerNorm 1, 0
     dsa_model.generation_config = model.generation_config
     dsa_model.train(model.training)
     return dsa_model
@@ -277,6 +226,15 @@ def set_topk(model: torch.nn.Module, topk: int) -> torch.nn.Module:
         layer.topk = topk
     if isinstance(getattr(model, "config", None), Qwen2DSAConfig):
         model.config.index_topk = topk
+    return model
+
+
+def set_backend(model: torch.nn.Module, backend: str | Backend) -> torch.nn.Module:
+    """Compute every DSA layer of this model with `backend`: a name of `dsa.available_backends()` or a Backend
+    instance. An unknown or unavailable name raises a ValueError listing the choices."""
+    backend = backends.check_backend(backend)
+    for layer in dsa_attention_layers(model):
+        layer.backend = backend
     return model
 
 

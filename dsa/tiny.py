@@ -1,4 +1,4 @@
-"""`--preset tiny`: a small Qwen2 model and its tokenizer, built offline from the bundled data.
+"""`--preset tiny`: a small Qwen2 model and its tokenizer, built offline from the bundled samples (dsa/samples/).
 
     path = ensure_tiny_base()          # runs/tiny/base, built once (a few minutes on 2 CPU cores), then reused
 

@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -42,9 +41,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_co
 
 from .errors import UsageError
 from .presets import PRESETS, stage_values
+from .sources import resolve_model
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
-MODELSCOPE_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -110,28 +109,6 @@ def cli(main: Callable[[], object]) -> None:
 
 
 # ----------------------------------------------------------------------------- models
-
-
-def resolve_model(name: str) -> Path:
-    """A local checkpoint directory, or a ModelScope id (e.g. Qwen/Qwen2.5-0.5B) downloaded into its cache."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    looks_local = path.exists() or name.startswith((".", "/", "~")) or Path(path.parts[0]).is_dir()
-    if looks_local or not MODELSCOPE_ID.match(name):
-        raise UsageError(f"model not found: {name} (not a directory)")
-    import logging
-
-    from modelscope import snapshot_download
-
-    logging.getLogger("modelscope_hub").setLevel(logging.ERROR)  # retries are reported in the error below
-    try:
-        return Path(snapshot_download(name))
-    except Exception as e:  # offline, unknown id
-        raise UsageError(
-            f"cannot download model {name!r} from ModelScope ({type(e).__name__}); "
-            "pass a local checkpoint with --model PATH, or use --preset tiny"
-        ) from None
 
 
 def load_model(name: str, require: type | None = None, hint: str = "") -> tuple[torch.nn.Module, object, torch.dtype]:

@@ -1,4 +1,4 @@
-"""Build deepctrl-sft-data-format JSONL (DSA_SPEC section 6) from real text found on an offline machine.
+"""Build deepctrl-sft-data-format JSONL (docs/method.md, data formats) from real text found on an offline machine.
 
 For runs on real weights where no hub is reachable. Four kinds of records, all real text, none generated:
   code         (en) a Python source file of the interpreter's standard library: the input is its first

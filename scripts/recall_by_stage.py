@@ -19,8 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dsa  # noqa: F401  (registers the qwen2_dsa model type)
-from dsa.data import resolve_data
 from dsa.evaluation import RECALL_METHODS, held_out_data, indexer_recall, token_windows
+from dsa.sources import resolve_data
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

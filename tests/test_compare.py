@@ -8,17 +8,17 @@ import torch
 
 import compare
 import dsa
-from dsa.presets import DATA_DIR
+from dsa.presets import SAMPLES_DIR
 from dsa.tiny import build_tokenizer, tiny_model
 
-HELD_OUT = str(DATA_DIR / "sft_heldout.jsonl")
+HELD_OUT = str(SAMPLES_DIR / "sft_heldout.jsonl")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A random tiny DSA model (k = 16) and its tokenizer, saved like a training output."""
     path = tmp_path_factory.mktemp("dsa_checkpoint")
-    tokenizer = build_tokenizer([DATA_DIR / "sft_heldout.jsonl"], vocab_size=400)
+    tokenizer = build_tokenizer([SAMPLES_DIR / "sft_heldout.jsonl"], vocab_size=400)
     torch.manual_seed(0)
     base = tiny_model(tokenizer)
     model = dsa.add_indexers(base, dsa.DSAConfig(index_n_heads=2, index_head_dim=16, index_rope_dim=8, index_topk=16))
@@ -101,6 +101,18 @@ def test_bad_flags_are_one_line_errors(checkpoint, tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.splitlines()[-1].startswith("error: ") and named in err.splitlines()[-1] and "Traceback" not in err, err
+
+
+def test_preset_fills_the_flags_not_given():
+    tiny = compare.parse_args(["--preset", "tiny"])
+    assert (tiny.model, tiny.data, tiny.output_dir) == ("runs/tiny/sparse", HELD_OUT, "runs/tiny/compare")
+    assert tiny.lengths == [256, 512, 1024] and tiny.topk == [16, 32, 64, 128] and tiny.passkey_depths == [0, 0.5, 1]
+    flagged = compare.parse_args(["--preset", "tiny", "--lengths", "128", "--model", "elsewhere"])
+    assert flagged.lengths == [128] and flagged.model == "elsewhere" and flagged.topk == tiny.topk
+    default = compare.parse_args([])
+    assert (default.model, default.data, default.output_dir) == ("runs/sparse", "deepctrl/deepctrl-sft-data", "runs/compare")
+    assert default.lengths == [1024, 2048, 4096] and default.topk == [64, 128, 256, 512]
+    assert default.passkey_depths == [0, 0.25, 0.5, 0.75, 1]
 
 
 def test_pipeline_chains_each_stage_to_the_previous_output(tmp_path):

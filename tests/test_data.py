@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from dsa.data import IGNORE_INDEX, PackedSFT, encode_conversation, parse_line, record_to_messages, resolve_data
+from dsa.data import IGNORE_INDEX, PackedSFT, encode_conversation, parse_line, record_to_messages
 from dsa.errors import UsageError
-from dsa.presets import DATA_DIR
+from dsa.presets import SAMPLES_DIR
+from dsa.sources import resolve_data
 from dsa.tiny import build_tokenizer
 
 # A ChatML template with a default system prompt (as Qwen2.5's): system text must stay unlabelled.
@@ -20,7 +21,7 @@ SYSTEM_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer([DATA_DIR / "sft_sample_en.jsonl", DATA_DIR / "sft_sample_zh.jsonl"], vocab_size=600)
+    return build_tokenizer([SAMPLES_DIR / "sft_sample_en.jsonl", SAMPLES_DIR / "sft_sample_zh.jsonl"], vocab_size=600)
 
 
 def record(**fields):

@@ -13,10 +13,11 @@ from transformers import PreTrainedTokenizerFast
 
 import dsa
 from dsa.errors import UsageError
+from dsa.presets import SAMPLES_DIR
 from dsa.dpo import IGNORE, DPOLoss, PreferencePairs, collate, dpo_loss, parse_row, read_rows, sequence_logps, tokenize_pair
 from tiny_models import tiny_dsa, tiny_qwen2
 
-SAMPLES = Path(__file__).resolve().parents[1] / "data" / "coig_p_sample.jsonl"
+SAMPLES = SAMPLES_DIR / "coig_p_sample.jsonl"
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import dsa
-import dsa.attention
-from dsa.indexer import LightningIndexer
-from dsa.losses import kl_rows, masked_log_softmax
+from dsa.backends import TorchBackend
+from dsa.core import Backend, LightningIndexer, kl_rows, masked_log_softmax, select_topk
 from tiny_models import tiny_dsa, tiny_qwen2
 
 VOCAB = 128
@@ -31,7 +30,7 @@ def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# An independent, loop-by-loop implementation of the formulas (DSA_SPEC sections 1-3), one layer.
+# An independent, loop-by-loop implementation of the formulas (docs/method.md), one layer.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -150,12 +149,15 @@ def test_sparse_is_causal():
     assert (a[:, 15:] - b[:, 15:]).abs().max() > 1e-3
 
 
-def test_query_chunking_does_not_change_results(monkeypatch):
+@pytest.mark.parametrize("backend", [Backend, TorchBackend])
+@pytest.mark.parametrize("mode", ["warmup", "sparse"])
+def test_query_chunking_does_not_change_results(backend, mode):
     _, model = dense_and_dsa(topk=4)
-    model.train()
+    dsa.set_mode(model, mode).train()
     x = tokens(2, 24)
+    dsa.set_backend(model, backend())
     out = model(x, labels=x, use_cache=False)
-    monkeypatch.setattr(dsa.attention, "CHUNK_ELEMENTS", 24 * 5)  # 5 queries per chunk
+    dsa.set_backend(model, backend(chunk_elements=24 * 5))  # 5 queries per chunk
     chunked = model(x, labels=x, use_cache=False)
     torch.testing.assert_close(chunked.logits, out.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(chunked.indexer_loss, out.indexer_loss, atol=1e-6, rtol=1e-5)
@@ -342,20 +344,17 @@ def test_zero_score_ties_go_to_the_most_recent_keys():
     q = torch.tensor([[[[1.0, 0.0]]]])  # B=1, T=1, H_I=1, d_I=2
     k = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [2.0, 0.0], [-1.0, 0.0], [-3.0, 0.0], [-1.0, 0.0]]])
     w = torch.ones(1, 1, 1)
-    for fast in (False, True):
-        indices, valid = dsa.attention.select_topk(q, k, w, torch.tensor([5]), None, topk=4, fast=fast)
-        assert sorted(indices[0, 0].tolist()) == [0, 2, 4, 5] and valid.all()
+    assert select_topk(q, k, w, torch.tensor([5]), None, topk=4)[0].sort(-1).values.tolist() == [[[0, 2, 4, 5]]]
 
 
 def test_rows_with_fewer_allowed_keys_than_k_never_attend_masked_keys():
     q = torch.randn(1, 3, 1, 4)
     k = torch.randn(1, 3, 4)
     w = torch.ones(1, 3, 1)
-    for fast in (False, True):
-        indices, valid = dsa.attention.select_topk(q, k, w, torch.arange(3), None, topk=3, fast=fast)
-        for t in range(3):
-            chosen = {int(i) for i, ok in zip(indices[0, t], valid[0, t]) if ok}
-            assert chosen == set(range(t + 1))  # every causal key, and never a future one
+    selected, valid = select_topk(q, k, w, torch.arange(3), None, topk=3)
+    for t in range(3):
+        chosen = {int(i) for i, ok in zip(selected[0, t], valid[0, t]) if ok}
+        assert chosen == set(range(t + 1))  # every causal key, and never a future one
 
 
 def test_bf16_model_dense_mode_is_bitwise_the_stock_model(tmp_path):
@@ -394,3 +393,26 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode):
 def test_add_indexers_keeps_tied_embeddings_tied():
     _, model = dense_and_dsa()
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_sparse_mode_builds_no_dense_mask_for_a_padded_batch():
+    """Left padding in sparse mode: the layers get no B x 1 x T x S mask (they read the 2D key padding); dense mode
+    still gets the stock mask."""
+    _, model = dense_and_dsa(topk=4)
+    x = tokens(2, 16)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    seen = []
+    hook = model.model.layers[0].self_attn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"]), with_kwargs=True)
+    with torch.no_grad():
+        sparse = model(x, attention_mask=mask).logits
+        dsa.set_mode(model, "dense")
+        model(x, attention_mask=mask)
+    hook.remove()
+    assert seen[0] is None and seen[1] is not None and seen[1].shape[-2:] == (16, 16)
+    dsa.set_mode(model, "sparse")
+    with torch.no_grad():  # and the padded row still gets what it gets alone
+        alone = model(x[1:, 5:]).logits
+        padded = model(x[1:], attention_mask=mask[1:], position_ids=(mask[1:].cumsum(-1) - 1).clamp_min(0)).logits
+    torch.testing.assert_close(padded[0, 5:], alone[0], atol=1e-5, rtol=0)
+    assert torch.isfinite(sparse).all()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dsa
-from dsa.attention import break_zero_ties
+from dsa.core import break_zero_ties, index_scores
 from dsa.evaluation import (
     PASSKEY_FILLER,
     PASSKEY_NEEDLE,
@@ -16,8 +16,7 @@ from dsa.evaluation import (
     recall_rows,
     token_windows,
 )
-from dsa.indexer import index_scores
-from dsa.presets import DATA_DIR
+from dsa.presets import SAMPLES_DIR
 from dsa.tiny import build_tokenizer
 from tiny_models import tiny_dsa, tiny_qwen2
 
@@ -151,7 +150,7 @@ def test_token_windows():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer([DATA_DIR / "sft_heldout.jsonl"], vocab_size=400)
+    return build_tokenizer([SAMPLES_DIR / "sft_heldout.jsonl"], vocab_size=400)
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])

@@ -14,21 +14,21 @@ pytest.importorskip("triton", reason="torch builds without triton have no GPU ke
 
 
 def compare() -> None:
-    from dsa.attention import sparse_attention
-    from dsa.triton_attention import sparse_attention_triton
-    from test_performance_paths import random_selection
+    from dsa.core import sparse_attention
+    from dsa.kernels.triton_attention import sparse_attention_triton
+    from tiny_models import random_selection
 
     for T, S, K in [(7, 20, 5), (1, 300, 130), (12, 12, 4)]:  # K = 130: three blocks of 64 keys
-        q, k, v, _, indices, valid = random_selection(T=T, S=S, K=K, D=16)
+        q, k, v, _, selected, valid = random_selection(T=T, S=S, K=K, D=16)
         assert not valid.all()  # invalid slots, and queries without any key
         with torch.no_grad():
-            ref = sparse_attention(q, k, v, indices, valid, 0.3)
-            out = sparse_attention_triton(q, k, v, indices, valid, 0.3)
+            ref = sparse_attention(q, k, v, selected, valid, 0.3)
+            out = sparse_attention_triton(q, k, v, selected, valid, 0.3)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         print(f"T={T} S={S} K={K}: max diff {(out - ref).abs().max():.2e}")
-    q, k, v, _, indices, valid = random_selection(D=8)
+    q, k, v, _, selected, valid = random_selection(D=8)
     try:
-        sparse_attention_triton(q, k, v, indices, valid, 0.3)
+        sparse_attention_triton(q, k, v, selected, valid, 0.3)
         raise AssertionError("head_dim 8 was accepted")
     except ValueError as e:
         assert "head_dim" in str(e)

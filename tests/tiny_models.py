@@ -56,3 +56,24 @@ def tiny_dsa(base: Qwen2ForCausalLM, topk: int, seed: int = 1, spread: float = 1
             layer.self_attn.indexer.wk.weight.mul_(spread)
             layer.self_attn.indexer.weights_proj.weight.mul_(spread_weights)
     return model
+
+
+def gqa_dsa(topk: int, vocab_size: int = 96) -> dsa.Qwen2DSAForCausalLM:
+    """A 2-layer DSA model with GQA (6 query heads on 2 KV heads), peaked attention and spread index scores."""
+    return tiny_dsa(tiny_qwen2(vocab_size, hidden_size=48, heads=6, sharpen=4.0), topk, spread=4.0)
+
+
+def random_selection(B=2, Hq=6, Hkv=2, T=7, S=20, K=5, D=8, seed=0):
+    """q, k, v (with grad) and a causal top-K selection with padding: batch row 1 has only 3 real keys, at the end,
+    so its queries have fewer than K valid keys, or none. Returns q, k, v, allowed, selected, valid."""
+    from dsa.core import allowed_keys, select_topk
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, L, D, generator=g).requires_grad_() for H, L in ((Hq, T), (Hkv, S), (Hkv, S)))
+    padding = torch.ones(B, S, dtype=torch.bool)
+    padding[1, : S - 3] = False
+    query_pos = torch.arange(S - T, S)
+    scores = torch.randn(B, T, S, generator=g)
+    q_I, k_I, w_I = scores[:, :, None, :], torch.eye(S)[None].expand(B, S, S), torch.ones(B, T, 1)  # index score of key s = scores[..., s]
+    selected, valid = select_topk(q_I, k_I, w_I, query_pos, padding, K)
+    return q, k, v, allowed_keys(query_pos, padding, S), selected, valid
