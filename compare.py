@@ -2,9 +2,11 @@
 
     uv run python compare.py --preset tiny                                    # runs/tiny/compare
     uv run python compare.py --model runs/sparse --lengths 1024,2048,4096 --topk 64,128,256,512
+    uv run python compare.py --preset tiny --only perplexity,recall           # only these sections
 
 Writes report.md (summary table first, plots embedded), results.json (docs/results_schema.md) and PNG
 plots to --output-dir. The dense side is --baseline, or by default the DSA checkpoint itself in dense mode.
+Perplexity, recall and passkey figures carry 95% intervals (dsa/stats.py).
 """
 
 import argparse
@@ -20,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dsa
 from dsa.errors import UsageError
-from dsa.evaluation import CompareSettings, Variant, compare, device_description, held_out_data, progress_total
+from dsa.evaluation import SECTIONS, CompareSettings, Variant, compare, device_description, held_out_data, progress_total, tokens_needed
 from dsa.presets import PRESETS, STAGE_DEFAULTS, stage_values
 from dsa.report import write_report
 from dsa.sources import resolve_data, resolve_model
@@ -47,6 +49,14 @@ def float_list(text: str) -> list[float]:
     return values
 
 
+def section_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown section {unknown[0]!r} (choose from {', '.join(SECTIONS)})")
+    return names
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Compare a DSA checkpoint with its dense baseline.")
     p.add_argument("--model", help=f"DSA checkpoint: directory or ModelScope id (default {STAGE_DEFAULTS['compare']['model']})")
@@ -56,9 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir")
     p.add_argument("--lengths", help="context lengths, comma-separated")
     p.add_argument("--topk", help="k values to sweep, comma-separated")
-    p.add_argument("--ppl-windows", type=int, default=4, help="held-out windows per length for perplexity")
+    p.add_argument("--ppl-windows", type=int, help=f"held-out windows per length for perplexity (default {STAGE_DEFAULTS['compare']['ppl_windows']})")
     p.add_argument("--recall-windows", type=int, default=1, help="windows of the largest length for indexer recall")
-    p.add_argument("--passkey-trials", type=int, default=1, help="trials per (length, depth) cell")
+    p.add_argument("--passkey-trials", type=int, help=f"trials per (length, depth) cell (default {STAGE_DEFAULTS['compare']['passkey_trials']})")
     p.add_argument("--passkey-depths", help="needle depths in [0, 1], comma-separated")
     p.add_argument("--passkey-lengths", type=int_list, help="default: --lengths")
     p.add_argument("--generations", type=int, default=2, help="generation prompts per language (Chinese, English)")
@@ -70,7 +80,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bf16 on cuda, fp32 on cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", choices=sorted(PRESETS), help="tiny: the pipeline's tiny model and bundled held-out data")
+    sections = p.add_mutually_exclusive_group()
+    sections.add_argument("--only", type=section_list, help=f"run only these sections, comma-separated: {', '.join(SECTIONS)}")
+    sections.add_argument("--skip", type=section_list, help="run every section but these, comma-separated")
     args = p.parse_args(argv)
+    args.sections = [name for name in SECTIONS if (name in args.only if args.only else name not in (args.skip or []))]
+    if not args.sections:
+        p.error(f"--skip {','.join(args.skip)} leaves no section to run")
     for name, value in stage_values("compare", args.preset).items():  # flag > preset > default (dsa/presets.py)
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -138,16 +154,18 @@ def main(argv=None) -> None:
         speed_repeats=args.speed_repeats,
         speed_decode_tokens=args.speed_decode_tokens,
         seed=args.seed,
+        sections=args.sections,
     )
-    needed = max(settings.ppl_windows, settings.recall_windows) * max(settings.lengths + settings.speed_lengths)
-    tokens, prompts, skipped = held_out_data(data, tokenizer, needed, args.generations, args.skip_conversations)
+    needed, longest = tokens_needed(settings)
+    n_prompts = args.generations if "generations" in settings.sections else 0
+    tokens, prompts, skipped = held_out_data(data, tokenizer, needed, n_prompts, args.skip_conversations)
     if skipped:
         print(f"skipped {skipped} malformed lines", file=sys.stderr)
-    if len(tokens) < max(settings.lengths + settings.speed_lengths):
-        raise UsageError(f"--data {args.data} has {len(tokens)} tokens, fewer than the largest length {max(settings.lengths)}")
+    if len(tokens) < longest:
+        raise UsageError(f"--data {args.data} has {len(tokens)} tokens, fewer than the largest length {longest}")
 
     dsa_config = vars(model.config.dsa)  # before the sweep changes index_topk
-    with tqdm(total=progress_total(settings, len(prompts)), desc="compare", dynamic_ncols=True) as bar:
+    with tqdm(total=progress_total(settings, len(prompts)), desc=settings.sections[0], dynamic_ncols=True) as bar:
         results = compare(dense, model, tokenizer, tokens, prompts, settings, bar)
     results = {
         "meta": {

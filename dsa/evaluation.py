@@ -2,8 +2,8 @@
 
 Each side of a comparison is a `Variant`: a model plus the DSA mode / top-k it runs in. The DSA checkpoint
 serves both sides when no separate baseline is given (`dsa.set_mode(model, "dense")` is stock attention).
-`compare()` runs every measurement and returns the JSON-able results dict that `dsa.report` renders
-(schema: docs/results_schema.md).
+`compare()` runs the measurements of the chosen SECTIONS and returns the JSON-able results dict that
+`dsa.report` renders (schema: docs/results_schema.md); figures carry 95% intervals (dsa.stats).
 """
 
 import ctypes
@@ -24,6 +24,7 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 from .data import PackedSFT, encode_conversation
 from .core import allowed_keys, attention_target, query_chunks, select_topk
 from .modeling import Qwen2DSAForCausalLM, dsa_cache, set_mode, set_topk
+from .stats import mean_interval, paired_relative_difference, perplexity_interval, wilson_interval
 
 
 @dataclass
@@ -215,38 +216,47 @@ def layer_recall_sums(attn, hidden: torch.Tensor, position_embeddings, position_
 
 
 @torch.no_grad()
-def indexer_recall(model, windows: torch.Tensor, topks: list[int]) -> dict:
-    """Per layer and k, the mean recall (see recall_rows) over the windows' rows with more than k keys.
+def indexer_recall(model, windows: torch.Tensor, topks: list[int], step=None) -> dict:
+    """Per window, layer and k, the mean recall (see recall_rows) over the window's rows with more than k keys.
 
     The model runs in dense mode; a forward pre-hook on every attention layer receives the layer input
-    and computes the recall of that layer. Returns {k: {method: [per layer], "rows": n}}; the values are
-    None when no row has more than k keys (k >= window length: DSA is then dense attention).
+    and computes the recall of that layer. step: called once after each window (progress), or None.
+    Returns {k: {method: [per layer], "rows": n, "per_window": {method: [[per layer] per window]}}}:
+    [per layer] is the mean over all windows' counted rows (= the mean of the per-window values, every
+    window having the same rows), n the rows counted over all windows. The values are None when no row has
+    more than k keys (k >= window length: DSA is then dense attention).
     """
     set_mode(model, "dense")
     layers = [layer.self_attn for layer in model.model.layers]
-    totals = [None] * len(layers)
+    sums = [None] * len(layers)  # of the current window
 
     def hook(i, attn, args, kwargs):
-        sums = layer_recall_sums(attn, kwargs["hidden_states"], kwargs["position_embeddings"], kwargs["position_ids"], topks)
-        if totals[i] is None:
-            totals[i] = sums
-        else:
-            for kk in topks:
-                for key in sums[kk]:
-                    totals[i][kk][key] += sums[kk][key]
+        sums[i] = layer_recall_sums(attn, kwargs["hidden_states"], kwargs["position_embeddings"], kwargs["position_ids"], topks)
 
+    per_window = {kk: {m: [] for m in RECALL_METHODS} for kk in topks}
+    rows = dict.fromkeys(topks, 0)
     handles = [attn.register_forward_pre_hook(lambda m, a, kw, i=i: hook(i, m, a, kw), with_kwargs=True) for i, attn in enumerate(layers)]
     try:
         for ids in windows:
             model.model(input_ids=ids[None].to(model_device(model)), use_cache=False)
+            for kk in topks:
+                n = sums[0][kk]["rows"]
+                rows[kk] += int(n)
+                for m in RECALL_METHODS:
+                    per_window[kk][m].append([layer[kk][m] / n if n else None for layer in sums])
+            if step is not None:
+                step()
     finally:
         for handle in handles:
             handle.remove()
     result = {}
     for kk in topks:
-        rows = totals[0][kk]["rows"]
-        result[kk] = {m: [t[kk][m] / rows if rows else None for t in totals] for m in RECALL_METHODS}
-        result[kk]["rows"] = int(rows)
+        result[kk] = {}
+        for m in RECALL_METHODS:
+            by_layer = zip(*per_window[kk][m])  # per layer: its value in every window
+            result[kk][m] = [sum(v) / len(v) if rows[kk] else None for v in by_layer]
+        result[kk]["rows"] = rows[kk]
+        result[kk]["per_window"] = per_window[kk]
     return result
 
 
@@ -399,64 +409,83 @@ def device_description(device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
+SECTIONS = ("perplexity", "recall", "passkey", "generations", "speed")  # compare.py --only / --skip
+
+
 @dataclass
 class CompareSettings:
     lengths: list[int]
     topks: list[int]
     headline_topk: int  # one of topks: the k of the decode-path check, the generations and the summary
-    ppl_windows: int = 4
+    ppl_windows: int = 8
     recall_length: int | None = None  # default: the largest length
     recall_windows: int = 1
     passkey_lengths: list[int] | None = None  # default: lengths
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    passkey_trials: int = 1
+    passkey_trials: int = 10
     decode_length: int | None = None  # default: the smallest length
     max_new_tokens: int = 64
     speed_lengths: list[int] | None = None  # default: lengths
     speed_repeats: int = 1
     speed_decode_tokens: int = 8
     seed: int = 0
+    sections: list[str] = field(default_factory=lambda: list(SECTIONS))  # the measurements to run, a subset of SECTIONS
 
     def __post_init__(self):
         if self.headline_topk not in self.topks:
             raise ValueError(f"headline_topk={self.headline_topk} is not in topks={self.topks}")
+        unknown = [name for name in self.sections if name not in SECTIONS]
+        if unknown or not self.sections:
+            raise ValueError(f"sections must be a non-empty subset of {SECTIONS}, got {self.sections}")
+        self.sections = [name for name in SECTIONS if name in self.sections]  # in running order
         self.recall_length = self.recall_length or max(self.lengths)
         self.passkey_lengths = self.passkey_lengths or list(self.lengths)
         self.decode_length = self.decode_length or min(self.lengths)
         self.speed_lengths = self.speed_lengths or list(self.lengths)
 
 
-def progress_total(s: CompareSettings, n_prompts: int) -> int:
-    """Units of the one progress bar: a forward pass (or generate call, or speed probe) each."""
+def section_units(s: CompareSettings, n_prompts: int) -> dict[str, int]:
+    """Progress units of each section in s.sections: a forward pass (or generate call, or speed probe) each."""
     sides = 1 + len(s.topks)
-    return (
-        sides * len(s.lengths) * s.ppl_windows
-        + 2  # decode-path perplexity: prefill and token by token
-        + s.recall_windows
-        + sides * len(s.passkey_lengths) * len(s.passkey_depths) * s.passkey_trials
-        + 2 * n_prompts
-        + sides * (1 + len(s.speed_lengths) * s.speed_repeats)  # + one warm-up probe per side
-    )
+    units = {
+        "perplexity": sides * len(s.lengths) * s.ppl_windows + 2,  # + decode-path check: prefill and token by token
+        "recall": s.recall_windows,
+        "passkey": sides * len(s.passkey_lengths) * len(s.passkey_depths) * s.passkey_trials,
+        "generations": 2 * n_prompts,
+        "speed": sides * (1 + len(s.speed_lengths) * s.speed_repeats),  # + one warm-up probe per side
+    }
+    return {name: units[name] for name in s.sections}
 
 
-def compare(dense: Variant, dsa_model, tokenizer, tokens: list[int], prompts: list[list[dict]], s: CompareSettings, bar) -> dict:
-    """Every measurement of the comparison; returns the results dict (docs/results_schema.md) without "meta".
+def progress_total(s: CompareSettings, n_prompts: int) -> int:
+    """Units of the one progress bar over every section that runs."""
+    return sum(section_units(s, n_prompts).values())
 
-    dense: the baseline side; dsa_model: the DSA checkpoint (swept over s.topks in sparse mode);
-    tokens: held-out token stream; prompts: conversations whose last (assistant) turn is the reference and
-    the rest the prompt of the side-by-side generations; bar: a tqdm bar
-    (total progress_total(s, len(prompts))).
-    """
-    sparse = {k: Variant("dsa", dsa_model, "sparse", k) for k in s.topks}
-    sides = [("dense", dense)] + [(str(k), v) for k, v in sparse.items()]
-    results = {}
 
-    def step(label: str):
-        bar.set_postfix_str(label, refresh=False)
-        bar.update(1)
+def tokens_needed(s: CompareSettings) -> tuple[int, int]:
+    """(tokens of held-out text the sections in s.sections read, the longest window among them: the text must
+    hold at least that one window). Passkey and generations read no held-out tokens."""
+    needed, longest = [0], [0]
+    if "perplexity" in s.sections:
+        needed.append(s.ppl_windows * max(s.lengths))
+        longest.append(max(s.lengths))
+    if "recall" in s.sections:
+        needed.append(s.recall_windows * s.recall_length)
+        longest.append(s.recall_length)
+    if "speed" in s.sections:
+        needed.append(max(s.speed_lengths))
+        longest.append(max(s.speed_lengths))
+    return max(needed), max(longest)
 
-    # 1. perplexity, prefill, every side and length
-    ppl = {name: [] for name, _ in sides}
+
+def perplexity_results(sides, headline: Variant, tokens: list[int], s: CompareSettings, bar, step) -> dict:
+    """The "perplexity" and "decode_perplexity" entries of the results (docs/results_schema.md).
+
+    Per length, the same windows for every side; per window its mean next-token NLL x (prefill). Each
+    (length, side) figure is stats.perplexity_interval of the windows' x: exp(mean x) and the exp of its t
+    interval. DSA vs dense is paired per window: stats.paired_relative_difference of the windows'
+    perplexities exp(x)."""
+    window_nll = {name: [] for name, _ in sides}  # per side: [[x per window] per length]
     n_windows = []
     for length in s.lengths:
         windows = token_windows(tokens, length, s.ppl_windows)
@@ -465,19 +494,32 @@ def compare(dense: Variant, dsa_model, tokenizer, tokens: list[int], prompts: li
             model = variant.activate()
             nll = []
             for ids in windows:
-                nll.append(prefill_nll(model, ids))
-                step(f"perplexity L={length} {name}")
+                nll.append(prefill_nll(model, ids).double().mean().item())
+                step(f"L={length} {name}")
             bar.update(s.ppl_windows - len(windows))
-            ppl[name].append(perplexity(nll))
-    results["perplexity"] = {"lengths": s.lengths, "windows": n_windows, "dense": ppl["dense"], "dsa": {str(k): ppl[str(k)] for k in s.topks}}
+            window_nll[name].append(nll)
+    window_ppl = {name: [[math.exp(x) for x in per_length] for per_length in v] for name, v in window_nll.items()}
+    ks = [name for name, _ in sides if name != "dense"]
+    results = {
+        "perplexity": {
+            "lengths": s.lengths,
+            "windows": n_windows,
+            "dense": [perplexity_interval(x) for x in window_nll["dense"]],
+            "dsa": {k: [perplexity_interval(x) for x in window_nll[k]] for k in ks},
+            "dsa_vs_dense": {
+                k: [paired_relative_difference(a, b) for a, b in zip(window_ppl[k], window_ppl["dense"])] for k in ks
+            },
+            "per_window": {"dense": window_ppl["dense"], "dsa": {k: window_ppl[k] for k in ks}},
+        }
+    }
 
-    # 1b. decode path at one length, headline k
-    model = sparse[s.headline_topk].activate()
+    # decode path at one length, headline k
+    model = headline.activate()
     ids = token_windows(tokens, s.decode_length, 1)[0]
     prefill = perplexity([prefill_nll(model, ids)])
-    step("decode-path perplexity (prefill)")
+    step("decode path (prefill)")
     decode = perplexity([decode_nll(model, ids)])
-    step("decode-path perplexity (token by token)")
+    step("decode path (token by token)")
     results["decode_perplexity"] = {
         "length": s.decode_length,
         "topk": s.headline_topk,
@@ -485,21 +527,32 @@ def compare(dense: Variant, dsa_model, tokenizer, tokens: list[int], prompts: li
         "decode": decode,
         "rel_diff": abs(decode - prefill) / prefill,
     }
+    return results
 
-    # 2. indexer recall per layer
+
+def recall_results(dsa_model, tokens: list[int], s: CompareSettings, bar, step) -> dict:
+    """The "recall" entry: indexer_recall per layer, and per k and method the figure
+    stats.mean_interval over every (window, layer) value (None where k >= the window length)."""
     windows = token_windows(tokens, s.recall_length, s.recall_windows)
-    recall = indexer_recall(dsa_model, windows, s.topks)
-    bar.update(s.recall_windows)
-    results["recall"] = {
-        "length": s.recall_length,
-        "windows": len(windows),
-        "per_layer": {str(k): v for k, v in recall.items()},
-        "mean": {
-            str(k): {m: (sum(v[m]) / len(v[m]) if v["rows"] else None) for m in RECALL_METHODS} for k, v in recall.items()
-        },
+    recall = indexer_recall(dsa_model, windows, s.topks, step=lambda: step(f"L={s.recall_length}"))
+    bar.update(s.recall_windows - len(windows))
+    mean = {}
+    for k, v in recall.items():
+        values = {m: [x for per_layer in v["per_window"][m] for x in per_layer] for m in RECALL_METHODS}
+        mean[str(k)] = {m: mean_interval(values[m]) if v["rows"] else None for m in RECALL_METHODS}
+    return {
+        "recall": {
+            "length": s.recall_length,
+            "windows": len(windows),
+            "per_layer": {str(k): {m: v[m] for m in (*RECALL_METHODS, "rows")} for k, v in recall.items()},
+            "mean": mean,
+        }
     }
 
-    # 3. passkey: the same prompts for every side
+
+def passkey_results(sides, tokenizer, s: CompareSettings, step) -> dict:
+    """The "passkey" entry: per side the accuracy of each (length, depth) cell and of all cells together,
+    each with its Wilson interval (stats.wilson_interval over the trials); the same prompts for every side."""
     rng = random.Random(s.seed)
     cells = []  # (length, depth, key, prompt ids)
     for length in s.passkey_lengths:
@@ -508,7 +561,7 @@ def compare(dense: Variant, dsa_model, tokenizer, tokens: list[int], prompts: li
                 key = rng.randint(10000, 99999)
                 cells.append((length, depth, key, passkey_prompt_ids(tokenizer, length, depth, key)))
     shown = next(i for i, c in enumerate(cells) if c[0] == max(s.passkey_lengths) and c[1] == s.passkey_depths[len(s.passkey_depths) // 2])
-    accuracy, samples = {}, []
+    grid, overall, samples = {}, {}, []
     for name, variant in sides:
         model = variant.activate()
         hits = {}
@@ -517,47 +570,89 @@ def compare(dense: Variant, dsa_model, tokenizer, tokens: list[int], prompts: li
             hits.setdefault((length, depth), []).append(passkey_answer(answer) == key)
             if i == shown:  # one example answer per side, in the report
                 samples.append({"side": name, "length": length, "depth": depth, "key": key, "answer": answer})
-            step(f"passkey L={length} {name}")
-        accuracy[name] = [[sum(hits[(L, d)]) / len(hits[(L, d)]) for d in s.passkey_depths] for L in s.passkey_lengths]
-    results["passkey"] = {
-        "lengths": s.passkey_lengths,
-        "depths": s.passkey_depths,
-        "trials": s.passkey_trials,
-        "dense": accuracy["dense"],
-        "dsa": {str(k): accuracy[str(k)] for k in s.topks},
-        "samples": samples,
+            step(f"L={length} {name}")
+        grid[name] = [[wilson_interval(sum(hits[(L, d)]), len(hits[(L, d)])) for d in s.passkey_depths] for L in s.passkey_lengths]
+        overall[name] = wilson_interval(sum(map(sum, hits.values())), len(cells))
+    ks = [name for name, _ in sides if name != "dense"]
+    return {
+        "passkey": {
+            "lengths": s.passkey_lengths,
+            "depths": s.passkey_depths,
+            "trials": s.passkey_trials,
+            "dense": grid["dense"],
+            "dsa": {k: grid[k] for k in ks},
+            "all_cells": {"dense": overall["dense"], "dsa": {k: overall[k] for k in ks}},
+            "samples": samples,
+        }
     }
 
-    # 4. side-by-side generations, dense vs headline k
+
+def generation_results(dense: Variant, headline: Variant, tokenizer, prompts: list[list[dict]], s: CompareSettings, step) -> dict:
+    """The "generations" entry: side-by-side greedy continuations, dense vs the headline k."""
     generations = []
     for messages in prompts:
         prompt_ids = chat_prompt_ids(tokenizer, messages[:-1])
         row = {"messages": messages[:-1], "reference": messages[-1]["content"], "prompt_tokens": len(prompt_ids)}
-        for name, variant in (("dense", dense), ("dsa", sparse[s.headline_topk])):
+        for name, variant in (("dense", dense), ("dsa", headline)):
             row[name] = greedy(variant.activate(), tokenizer, prompt_ids, s.max_new_tokens)
-            step(f"generation {name}")
+            step(name)
         generations.append(row)
-    results["generations"] = {"topk": s.headline_topk, "max_new_tokens": s.max_new_tokens, "samples": generations}
+    return {"generations": {"topk": s.headline_topk, "max_new_tokens": s.max_new_tokens, "samples": generations}}
 
-    # 5. speed and memory: medians over repeats, after one warm-up probe per side (at the smallest length)
+
+def speed_results(sides, tokens: list[int], s: CompareSettings, step) -> dict:
+    """The "speed" entry: medians over repeats, after one warm-up probe per side (at the smallest length)."""
     probe_ids = token_windows(tokens, max(s.speed_lengths), 1)
     speed = {metric: {name: [] for name, _ in sides} for metric in ("prefill_s", "peak_memory_mb", "decode_ms_per_token")}
     for name, variant in sides:
         model = variant.activate()
         speed_probe(model, probe_ids[:, : min(s.speed_lengths)], s.speed_decode_tokens)
-        step(f"speed warm-up {name}")
+        step(f"warm-up {name}")
         for length in s.speed_lengths:
             probes = []
             for _ in range(s.speed_repeats):
                 probes.append(speed_probe(model, probe_ids[:, :length], s.speed_decode_tokens))
-                step(f"speed L={length} {name}")
+                step(f"L={length} {name}")
             for metric in speed:
                 speed[metric][name].append(median([p[metric] for p in probes]))
-    results["speed"] = {
-        "lengths": s.speed_lengths,
-        "repeats": s.speed_repeats,
-        "decode_tokens": s.speed_decode_tokens,
-        **{metric: {"dense": v["dense"], "dsa": {str(k): v[str(k)] for k in s.topks}} for metric, v in speed.items()},
+    ks = [name for name, _ in sides if name != "dense"]
+    return {
+        "speed": {
+            "lengths": s.speed_lengths,
+            "repeats": s.speed_repeats,
+            "decode_tokens": s.speed_decode_tokens,
+            **{metric: {"dense": v["dense"], "dsa": {k: v[k] for k in ks}} for metric, v in speed.items()},
+        }
     }
+
+
+def compare(dense: Variant, dsa_model, tokenizer, tokens: list[int], prompts: list[list[dict]], s: CompareSettings, bar) -> dict:
+    """The measurements of s.sections; returns the results dict (docs/results_schema.md) without "meta":
+    an entry per section that ran (perplexity also adds "decode_perplexity") and "settings".
+
+    dense: the baseline side; dsa_model: the DSA checkpoint (swept over s.topks in sparse mode);
+    tokens: held-out token stream; prompts: conversations whose last (assistant) turn is the reference and
+    the rest the prompt of the side-by-side generations; bar: a tqdm bar (total progress_total(s,
+    len(prompts))), its description set to the running section.
+    """
+    sparse = {k: Variant("dsa", dsa_model, "sparse", k) for k in s.topks}
+    sides = [("dense", dense)] + [(str(k), v) for k, v in sparse.items()]
+    headline = sparse[s.headline_topk]
+
+    def step(label: str):
+        bar.set_postfix_str(label, refresh=False)
+        bar.update(1)
+
+    measure = {
+        "perplexity": lambda: perplexity_results(sides, headline, tokens, s, bar, step),
+        "recall": lambda: recall_results(dsa_model, tokens, s, bar, step),
+        "passkey": lambda: passkey_results(sides, tokenizer, s, step),
+        "generations": lambda: generation_results(dense, headline, tokenizer, prompts, s, step),
+        "speed": lambda: speed_results(sides, tokens, s, step),
+    }
+    results = {}
+    for name in s.sections:
+        bar.set_description(name, refresh=False)
+        results.update(measure[name]())
     results["settings"] = asdict(s)
     return results

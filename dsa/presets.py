@@ -6,6 +6,10 @@ out where the script decides it (warm-up and DPO: the tiny base model under --pr
 The tiny preset (offline, 2 CPU cores): a 4-layer Qwen2 model built by `dsa.tiny`, the conversations
 bundled with the package (SAMPLES_DIR, dsa/samples/), windows of 512 tokens and k = 64 = L/8 (docs/method.md:
 sequences must be longer than k for sparse attention to differ from dense).
+
+compare's sample sizes: 8 perplexity windows per length and 10 passkey trials per (length, depth) cell by
+default, so that the 95% intervals (dsa/stats.py) are informative; the tiny preset keeps 4 and 1, a fast run
+whose intervals are wide.
 """
 
 from pathlib import Path
@@ -24,7 +28,8 @@ STAGE_DEFAULTS = {
     "dpo": dict(COMMON, data="m-a-p/COIG-P", model="runs/sparse", output_dir="runs/dpo", max_steps=1000, lr=5e-7,
                 indexer_lr=1e-4, beta=0.1, max_length=2048, seq_len=None, batch_size=2, topk=None),
     "compare": dict(model="runs/sparse", data="deepctrl/deepctrl-sft-data", output_dir="runs/compare",
-                    lengths="1024,2048,4096", topk="64,128,256,512", passkey_depths="0,0.25,0.5,0.75,1"),
+                    lengths="1024,2048,4096", topk="64,128,256,512", passkey_depths="0,0.25,0.5,0.75,1",
+                    ppl_windows=8, passkey_trials=10),
 }
 
 TINY_COMMON = dict(data=TINY_DATA, seq_len=512, batch_size=4, grad_accum=1, seed=0, save_every=50)
@@ -40,7 +45,7 @@ PRESETS = {
                     max_steps=30, lr=1e-4, indexer_lr=1e-3, max_length=256, seq_len=None, batch_size=8, save_every=10),
         "compare": dict(model=str(TINY_ROOT / "sparse"), data=str(SAMPLES_DIR / "sft_heldout.jsonl"),
                         output_dir=str(TINY_ROOT / "compare"), lengths="256,512,1024", topk="16,32,64,128",
-                        passkey_depths="0,0.5,1"),
+                        passkey_depths="0,0.5,1", ppl_windows=4, passkey_trials=1),
     },
 }
 

@@ -1,7 +1,9 @@
 """Render compare.py results: results.json, PNG plots (matplotlib) and a self-contained report.md.
 
 `write_report(results, output_dir)` takes the dict built by `dsa.evaluation.compare` plus its "meta" entry
-(schema: docs/results_schema.md).
+(schema: docs/results_schema.md). Figures are shown as "mean [ci_low, ci_high]" (95% intervals, dsa/stats.py),
+DSA vs dense differences as "+2.1% [+0.8, +3.4]" with "*" (MARK) where the interval excludes 0; plots draw the
+intervals as error bars or bands. Sections absent from the results (--only / --skip) are listed as skipped.
 """
 
 import json
@@ -9,6 +11,9 @@ import os
 from pathlib import Path
 
 import matplotlib
+
+from .evaluation import SECTIONS
+from .stats import excludes_zero
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -31,8 +36,57 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def fmt_figure(fig: dict | None, digits: int = 3) -> str:
+    """A figure (dsa.stats) as "mean [ci_low, ci_high]"; the mean alone without an interval; '—' for None."""
+    if fig is None:
+        return "—"
+    if fig["ci_low"] is None:
+        return fmt(fig["mean"], digits)
+    return f"{fmt(fig['mean'], digits)} [{fmt(fig['ci_low'], digits)}, {fmt(fig['ci_high'], digits)}]"
+
+
+def fmt_change(fig: dict | None) -> str:
+    """A relative difference figure in percent, "+2.1% [+0.8, +3.4]", with MARK when its interval excludes 0."""
+    if fig is None:
+        return "—"
+    text = f"{percent(fig['mean'])}%"
+    if fig["ci_low"] is not None:
+        text += f" [{percent(fig['ci_low'])}, {percent(fig['ci_high'])}]"
+    return text + (MARK if excludes_zero(fig) else "")
+
+
+def percent(value: float) -> str:
+    """A fraction as signed percent with one decimal; "+0.0" rather than "-0.0" for a value that rounds to 0."""
+    return f"{round(100 * value, 1) + 0.0:+.1f}"
+
+
+MARK = "*"
+MARK_LEGEND = f"`{MARK}`: the 95% interval of the difference excludes 0."
+
+
 def ratio(value, reference) -> str:
     return f" ({value / reference:.2f}×)" if value is not None and reference else ""
+
+
+def means(figures: list[dict]) -> list[float]:
+    return [f["mean"] for f in figures]
+
+
+def scaled(fig: dict, factor: float) -> dict:
+    """A figure with its mean and interval multiplied by factor (e.g. 100: in percent)."""
+    return {key: value if key == "n" or value is None else factor * value for key, value in fig.items()}
+
+
+def dodge(lengths: list[int], i: int, n: int) -> list[float]:
+    """x positions of the i-th of n series on a log2 length axis, shifted a little so error bars do not overlap."""
+    return [L * 2 ** (0.04 * (i - (n - 1) / 2)) for L in lengths]
+
+
+def error_bars(figures: list[dict]) -> list[list[float]]:
+    """matplotlib yerr ([below], [above]) of a list of figures; 0 where a figure has no interval."""
+    below = [f["mean"] - f["ci_low"] if f["ci_low"] is not None else 0.0 for f in figures]
+    above = [f["ci_high"] - f["mean"] if f["ci_high"] is not None else 0.0 for f in figures]
+    return [below, above]
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -54,22 +108,34 @@ def save(fig, path: Path) -> str:
 
 
 def plot_perplexity(r: dict, path: Path) -> str:
+    """Left: perplexity vs length per side; right: the paired DSA vs dense difference; 95% error bars."""
     ppl = r["perplexity"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(ppl["lengths"], ppl["dense"], "o-", color="black", label="dense", linewidth=2)
-    for k, values in ppl["dsa"].items():
-        ax.plot(ppl["lengths"], values, "s--", label=f"DSA k={k}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ppl["lengths"], [str(n) for n in ppl["lengths"]])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity")
-    ax.set_title("Held-out perplexity vs context length")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    n = 1 + len(ppl["dsa"])
+    x = ppl["lengths"]
+    left.errorbar(dodge(x, 0, n), means(ppl["dense"]), yerr=error_bars(ppl["dense"]), fmt="o-", color="black", label="dense", linewidth=2, capsize=3)
+    for i, (k, figures) in enumerate(ppl["dsa"].items(), 1):
+        left.errorbar(dodge(x, i, n), means(figures), yerr=error_bars(figures), fmt="s--", label=f"DSA k={k}", capsize=3)
+    for i, (k, figures) in enumerate(ppl["dsa_vs_dense"].items(), 1):
+        percent = [scaled(f, 100) for f in figures]
+        right.errorbar(dodge(x, i, n), means(percent), yerr=error_bars(percent), fmt="s--", label=f"DSA k={k}", capsize=3)
+    right.axhline(0, color="black", linewidth=1)
+    left.set_ylabel("perplexity")
+    left.set_title("Held-out perplexity vs context length")
+    right.set_ylabel("DSA / dense - 1 (%), paired per window")
+    right.set_title("Perplexity change, DSA vs dense")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ppl["lengths"], [str(n) for n in ppl["lengths"]])
+        ax.set_xlabel("context length (tokens)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Error bars: 95% intervals over windows (none with one window)", fontsize=9)
     return save(fig, path)
 
 
 def plot_recall(r: dict, path: Path) -> str:
+    """Recall per layer of each method; the band is the 95% interval of the mean over (window, layer)."""
     rec = r["recall"]
     ks = list(rec["per_layer"])
     cols = min(len(ks), 2)
@@ -78,13 +144,17 @@ def plot_recall(r: dict, path: Path) -> str:
     for ax, k in zip(axes.flat, ks):
         per_layer = rec["per_layer"][k]
         for method, label in METHOD_LABELS.items():
-            if per_layer[method][0] is not None:
-                ax.plot(range(len(per_layer[method])), per_layer[method], "o-", label=label, markersize=3)
+            if per_layer[method][0] is None:
+                continue
+            line = ax.plot(range(len(per_layer[method])), per_layer[method], "o-", label=label, markersize=3)[0]
+            overall = rec["mean"][k][method]
+            if overall["ci_low"] is not None:
+                ax.axhspan(overall["ci_low"], overall["ci_high"], color=line.get_color(), alpha=0.15, linewidth=0)
         if per_layer["indexer"][0] is None:
             ax.text(0.5, 0.5, "k >= L: every key selected", ha="center", transform=ax.transAxes)
         else:
             ax.legend(fontsize=8)
-        ax.set_title(f"k = {k}, L = {rec['length']}")
+        ax.set_title(f"k = {k}, L = {rec['length']} (bands: 95% interval of the mean)", fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer")
         ax.set_ylabel("dense attention mass captured")
@@ -96,21 +166,23 @@ def plot_recall(r: dict, path: Path) -> str:
 
 
 def plot_passkey(r: dict, path: Path) -> str:
+    """Accuracy per (length, depth) cell and side, each cell labelled with its 95% Wilson interval."""
     pk = r["passkey"]
     grids = [("dense", pk["dense"])] + [(f"DSA k={k}", acc) for k, acc in pk["dsa"].items()]
-    fig, axes = plt.subplots(1, len(grids), figsize=(2.2 + 0.9 * len(pk["lengths"]) * len(grids), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(grids), figsize=(max(6.0, 2.2 + 1.3 * len(pk["lengths"]) * len(grids)), 4), squeeze=False)
     for ax, (title, acc) in zip(axes[0], grids):
         grid = [[acc[i][j] for i in range(len(pk["lengths"]))] for j in range(len(pk["depths"]))]  # depth x length
-        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.imshow([[cell["mean"] for cell in row] for row in grid], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         for j in range(len(pk["depths"])):
             for i in range(len(pk["lengths"])):
-                ax.text(i, j, f"{grid[j][i]:.2f}", ha="center", va="center", fontsize=8)
+                cell = grid[j][i]
+                ax.text(i, j, f"{cell['mean']:.2f}\n[{cell['ci_low']:.2f}, {cell['ci_high']:.2f}]", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(pk["lengths"])), [str(n) for n in pk["lengths"]])
         ax.set_yticks(range(len(pk["depths"])), [f"{d:.0%}" for d in pk["depths"]])
         ax.set_xlabel("context length")
         ax.set_ylabel("needle depth")
         ax.set_title(title)
-    fig.suptitle(f"Passkey retrieval accuracy ({pk['trials']} trial(s) per cell, greedy, exact match)")
+    fig.suptitle(f"Passkey retrieval accuracy [95% Wilson interval]\n{pk['trials']} trial(s) per cell, greedy, exact match", fontsize=10)
     return save(fig, path)
 
 
@@ -136,63 +208,109 @@ def plot_speed(r: dict, path: Path) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def passkey_mean(grid: list[list[float]]) -> float:
-    return sum(map(sum, grid)) / sum(map(len, grid))
+def change_cell(ppl: dict, k: str, i: int) -> str:
+    """The paired DSA vs dense perplexity change at k and the i-th length; "k >= L" where DSA is dense attention
+    (the difference is then rounding noise, not worth a mark)."""
+    return "k >= L" if int(k) >= ppl["lengths"][i] else fmt_change(ppl["dsa_vs_dense"][k][i])
+
+
+def summary_rows(r: dict, ks: list[str]) -> list[list[str]]:
+    """The summary table's rows of the sections that ran, at the largest length of each."""
+    rows = []
+    if "perplexity" in r:
+        ppl = r["perplexity"]
+        i = len(ppl["lengths"]) - 1
+        L, n = ppl["lengths"][i], ppl["windows"][i]
+        rows.append([f"perplexity, L={L} ({n} windows)", fmt_figure(ppl["dense"][i])] + [fmt_figure(ppl["dsa"][k][i]) for k in ks])
+        rows.append([f"perplexity DSA vs dense, L={L} (paired)", "—"] + [change_cell(ppl, k, i) for k in ks])
+    if "recall" in r:
+        rec = r["recall"]
+        rows.append(
+            [f"indexer recall, L={rec['length']} (oracle / last-k / random)", "—"]
+            + [
+                fmt_figure(m["indexer"], 2) + f" ({fmt(m['oracle']['mean'], 2)} / {fmt(m['last_k']['mean'], 2)} / {fmt(m['random']['mean'], 2)})"
+                if m["indexer"] is not None
+                else "k >= L"
+                for m in (rec["mean"][k] for k in ks)
+            ]
+        )
+    if "passkey" in r:
+        pk = r["passkey"]["all_cells"]
+        rows.append(["passkey accuracy (all cells)", fmt_figure(pk["dense"], 2)] + [fmt_figure(pk["dsa"][k], 2) for k in ks])
+    if "speed" in r:
+        sp = r["speed"]
+        j = len(sp["lengths"]) - 1
+        for metric, label in SPEED_METRICS.items():
+            dense = sp[metric]["dense"][j]
+            rows.append([f"{label}, L={sp['lengths'][j]}", fmt(dense)] + [fmt(sp[metric]["dsa"][k][j]) + ratio(sp[metric]["dsa"][k][j], dense) for k in ks])
+    return rows
+
+
+INTERVALS = (
+    "Brackets: 95% intervals. Perplexity: exp of the t interval over windows of the per-window mean loss; DSA vs "
+    "dense: per window DSA / dense − 1 on the same tokens (paired), t interval over windows; recall: t interval "
+    "over every (window, layer) value; passkey: Wilson interval over the trials. No interval from a single window."
+)
+
+
+def skipped_sections(r: dict) -> list[str]:
+    return [name for name in SECTIONS if name not in r["settings"]["sections"]]
 
 
 def summary_section(r: dict) -> str:
-    meta, ppl, rec, pk, sp, dec = r["meta"], r["perplexity"], r["recall"], r["passkey"], r["speed"], r["decode_perplexity"]
-    ks = list(ppl["dsa"])
+    meta = r["meta"]
+    ks = [str(k) for k in r["settings"]["topks"]]
     header = ["", "dense"] + [f"DSA k={k}" for k in ks]
-    L, i = ppl["lengths"][-1], len(ppl["lengths"]) - 1
-    j = len(sp["lengths"]) - 1
-    rows = [
-        [f"perplexity, L={L}", fmt(ppl["dense"][i])] + [fmt(ppl["dsa"][k][i]) + ratio(ppl["dsa"][k][i], ppl["dense"][i]) for k in ks],
-        [f"indexer recall, L={rec['length']} (oracle / last-k / random)", "—"]
-        + [
-            fmt(m["indexer"], 2) + f" ({fmt(m['oracle'], 2)} / {fmt(m['last_k'], 2)} / {fmt(m['random'], 2)})"
-            if m["indexer"] is not None
-            else "k >= L"
-            for m in (rec["mean"][k] for k in ks)
-        ],
-        ["passkey accuracy (all cells)", fmt(passkey_mean(pk["dense"]), 2)] + [fmt(passkey_mean(pk["dsa"][k]), 2) for k in ks],
+    blocks = [
+        "## Summary",
+        "",
+        f"Model `{meta['model']}` ({meta['n_params'] / 1e6:.1f}M parameters, {meta['n_layers']} layers, vocabulary "
+        f"{meta['vocab_size']}) on **{meta['device']}**, {meta['dtype']}. Dense side: {meta['baseline']}. "
+        f"DSA: top-k sparse attention in every layer. Ratios in parentheses (speed, memory) are DSA / dense.",
+        "",
     ]
-    for metric, label in SPEED_METRICS.items():
-        dense = sp[metric]["dense"][j]
-        rows.append([f"{label}, L={sp['lengths'][j]}", fmt(dense)] + [fmt(sp[metric]["dsa"][k][j]) + ratio(sp[metric]["dsa"][k][j], dense) for k in ks])
-    return "\n".join(
-        [
-            "## Summary",
-            "",
-            f"Model `{meta['model']}` ({meta['n_params'] / 1e6:.1f}M parameters, {meta['n_layers']} layers, vocabulary "
-            f"{meta['vocab_size']}) on **{meta['device']}**, {meta['dtype']}. Dense side: {meta['baseline']}. "
-            f"DSA: top-k sparse attention in every layer. Ratios in parentheses are DSA / dense.",
-            "",
-            table(header, rows),
+    skipped = skipped_sections(r)
+    if skipped:
+        blocks += [f"Sections skipped in this run (--only / --skip): {', '.join(skipped)}.", ""]
+    rows = summary_rows(r, ks)
+    if rows:
+        blocks += [table(header, rows), "", INTERVALS + " " + MARK_LEGEND]
+    if "decode_perplexity" in r:
+        dec = r["decode_perplexity"]
+        blocks += [
             "",
             f"Decode path: DSA k={dec['topk']} perplexity at L={dec['length']} token by token through the cache is "
             f"{fmt(dec['decode'], 6)}, prefill {fmt(dec['prefill'], 6)} (relative difference {dec['rel_diff']:.1e}).",
-            "",
-            "For sequences no longer than k every causal key is selected and DSA equals dense attention, so DSA "
-            "differs from dense only where L > k.",
         ]
-    )
+    blocks += [
+        "",
+        "For sequences no longer than k every causal key is selected and DSA equals dense attention, so DSA "
+        "differs from dense only where L > k.",
+    ]
+    return "\n".join(blocks)
 
 
 def perplexity_section(r: dict, plot: str) -> str:
     ppl = r["perplexity"]
     ks = list(ppl["dsa"])
-    rows = [
-        [str(L), str(n), fmt(ppl["dense"][i])] + [fmt(ppl["dsa"][k][i]) for k in ks]
-        for i, (L, n) in enumerate(zip(ppl["lengths"], ppl["windows"]))
-    ]
+    header = ["L", "windows", "dense"] + [f"DSA k={k}" for k in ks]
+    windows = list(enumerate(zip(ppl["lengths"], ppl["windows"])))
+    values = [[str(L), str(n), fmt_figure(ppl["dense"][i])] + [fmt_figure(ppl["dsa"][k][i]) for k in ks] for i, (L, n) in windows]
+    changes = [[str(L), str(n)] + [change_cell(ppl, k, i) for k in ks] for i, (L, n) in windows]
     return "\n".join(
         [
             "## 1. Perplexity vs context length",
             "",
-            "exp(mean next-token loss) over every position of non-overlapping held-out windows of L tokens (prefill, one forward).",
+            "Non-overlapping held-out windows of L tokens, the same for every side (prefill, one forward). Per window "
+            "its mean next-token loss x; perplexity = exp(mean of x over the windows) (= exp of the mean loss over "
+            "every position), with exp of the 95% t interval of x over the windows:",
             "",
-            table(["L", "windows", "dense"] + [f"DSA k={k}" for k in ks], rows),
+            table(header, values),
+            "",
+            "DSA vs dense, paired: per window the relative difference of perplexity exp(x_DSA) / exp(x_dense) − 1 on "
+            "the same tokens, mean and 95% t interval over the windows. " + MARK_LEGEND,
+            "",
+            table(["L", "windows"] + [f"DSA k={k}" for k in ks], changes),
             "",
             f"![perplexity]({plot})",
         ]
@@ -201,7 +319,7 @@ def perplexity_section(r: dict, plot: str) -> str:
 
 def recall_section(r: dict, plot: str) -> str:
     rec = r["recall"]
-    rows = [[k] + [fmt(m[method], 3) for method in METHOD_LABELS] for k, m in rec["mean"].items()]
+    rows = [[k] + [fmt_figure(m[method], 3) if m[method] is not None else "k >= L" for method in METHOD_LABELS] for k, m in rec["mean"].items()]
     return "\n".join(
         [
             "## 2. Indexer recall",
@@ -210,7 +328,8 @@ def recall_section(r: dict, plot: str) -> str:
             "and query token t with more than k causal keys, the dense attention probabilities summed over heads and "
             "normalized over keys give p[t, s]; recall is the mass sum_{s in S_t} p[t, s] of a k-key set S_t: the "
             "indexer's top-k (what DSA attends), the oracle top-k of p (upper bound), the last k tokens, and k random "
-            "keys (in expectation, k / (t+1)). Mean over layers:",
+            "keys (in expectation, k / (t+1)). Mean over layers and windows, with the 95% t interval over every "
+            "(window, layer) value (its spread is mostly the differences between layers):",
             "",
             table(["k"] + list(METHOD_LABELS.values()), rows),
             "",
@@ -225,7 +344,7 @@ def side_name(side: str) -> str:
 
 def passkey_caveat(pk: dict) -> list[str]:
     """A warning paragraph when the dense model fails every trial: then the grid says nothing about DSA."""
-    if passkey_mean(pk["dense"]) > 0:
+    if pk["all_cells"]["dense"]["mean"] > 0:
         return []
     return [
         "**The dense model fails every trial: this model cannot retrieve the pass key at all, so the DSA grids "
@@ -237,6 +356,8 @@ def passkey_caveat(pk: dict) -> list[str]:
 
 def passkey_section(r: dict, plot: str) -> str:
     pk = r["passkey"]
+    overall = pk["all_cells"]
+    accuracy_row = ["all cells", fmt_figure(overall["dense"], 2)] + [fmt_figure(f, 2) for f in overall["dsa"].values()]
     samples = "\n".join(
         f"- {side_name(s['side'])} (L={s['length']}, depth {s['depth']:.0%}, key {s['key']}): `{s['answer'].strip()!r}`" for s in pk["samples"]
     )
@@ -249,7 +370,10 @@ def passkey_section(r: dict, plot: str) -> str:
             'repeated to about L tokens with the needle "The pass key is N. Remember it. N is the pass key." (N: 5 random '
             'digits) at the given depth, and "What is the pass key?"; the answer starts with "The pass key is" and is '
             "decoded greedily; a trial counts if the first number in the answer is N (exact match). "
-            f"{pk['trials']} trial(s) per cell, the same prompts for every side.",
+            f"{pk['trials']} trial(s) per cell, the same prompts for every side. Accuracy with its 95% Wilson "
+            "interval over the trials:",
+            "",
+            table(["", "dense"] + [f"DSA k={k}" for k in pk["dsa"]], [accuracy_row]),
             "",
             *passkey_caveat(pk),
             f"![passkey]({plot})",
@@ -331,26 +455,23 @@ def setup_section(r: dict) -> str:
 
 
 def write_report(results: dict, output_dir) -> Path:
-    """Write results.json, the PNG plots and report.md into output_dir; returns the report path."""
+    """Write results.json, the PNG plots and report.md into output_dir; returns the report path.
+    Sections absent from results (skipped with --only / --skip) get no plot and no report section."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plots = {
-        "perplexity": plot_perplexity(results, out / "perplexity.png"),
-        "recall": plot_recall(results, out / "recall.png"),
-        "passkey": plot_passkey(results, out / "passkey.png"),
-        "speed": plot_speed(results, out / "speed.png"),
-    }
     atomic_write(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False))
-    sections = [
-        f"# Dense vs DSA: {Path(results['meta']['model']).name}",
-        summary_section(results),
-        perplexity_section(results, plots["perplexity"]),
-        recall_section(results, plots["recall"]),
-        passkey_section(results, plots["passkey"]),
-        generations_section(results),
-        speed_section(results, plots["speed"]),
-        setup_section(results),
-    ]
+    sections = [f"# Dense vs DSA: {Path(results['meta']['model']).name}", summary_section(results)]
+    if "perplexity" in results:
+        sections.append(perplexity_section(results, plot_perplexity(results, out / "perplexity.png")))
+    if "recall" in results:
+        sections.append(recall_section(results, plot_recall(results, out / "recall.png")))
+    if "passkey" in results:
+        sections.append(passkey_section(results, plot_passkey(results, out / "passkey.png")))
+    if "generations" in results:
+        sections.append(generations_section(results))
+    if "speed" in results:
+        sections.append(speed_section(results, plot_speed(results, out / "speed.png")))
+    sections.append(setup_section(results))
     report = out / "report.md"
     atomic_write(report, "\n\n".join(sections) + "\n")
     return report

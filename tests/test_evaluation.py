@@ -8,13 +8,18 @@ from dsa.core import break_zero_ties, index_scores
 from dsa.evaluation import (
     PASSKEY_FILLER,
     PASSKEY_NEEDLE,
+    RECALL_METHODS,
+    CompareSettings,
     decode_nll,
     indexer_recall,
     passkey_answer,
     passkey_prompt_ids,
     prefill_nll,
+    progress_total,
     recall_rows,
+    section_units,
     token_windows,
+    tokens_needed,
 )
 from dsa.presets import SAMPLES_DIR
 from dsa.tiny import build_tokenizer
@@ -106,6 +111,55 @@ def test_indexer_recall_is_undefined_when_k_covers_the_window():
     model = peaked_dsa(topk=4)
     recall = indexer_recall(model, torch.randint(0, VOCAB, (1, 8)), [8, 16])
     assert recall[8]["rows"] == 0 and recall[8]["indexer"] == [None, None]
+    assert recall[8]["per_window"]["indexer"] == [[None, None]]
+
+
+def test_indexer_recall_keeps_each_window():
+    """Several windows: per window the values of that window alone; per layer their mean; one step per window."""
+    model = peaked_dsa(topk=4)
+    windows = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(4))
+    steps = []
+    recall = indexer_recall(model, windows, [4], step=lambda: steps.append(1))
+    assert len(steps) == 3 and recall[4]["rows"] == 3 * (16 - 4)
+    for w in range(3):
+        alone = indexer_recall(model, windows[w : w + 1], [4])
+        for method in RECALL_METHODS:
+            assert recall[4]["per_window"][method][w] == pytest.approx(alone[4][method], abs=1e-6)
+    for method in RECALL_METHODS:
+        per_window = recall[4]["per_window"][method]
+        assert recall[4][method] == pytest.approx([sum(layer) / 3 for layer in zip(*per_window)], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sections: settings, progress units, held-out tokens
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_sections_decide_progress_units_and_tokens():
+    every = CompareSettings(lengths=[64, 128], topks=[16, 32], headline_topk=16, ppl_windows=3, recall_windows=2,
+                            passkey_depths=[0, 1], passkey_trials=5, speed_lengths=[256])  # fmt: skip
+    sides = 3
+    units = section_units(every, n_prompts=4)
+    assert units == {
+        "perplexity": sides * 2 * 3 + 2,
+        "recall": 2,
+        "passkey": sides * 2 * 2 * 5,
+        "generations": 2 * 4,
+        "speed": sides * (1 + 1),
+    }
+    assert progress_total(every, 4) == sum(units.values())
+    assert tokens_needed(every) == (3 * 128, 256)
+
+    some = CompareSettings(lengths=[64, 128], topks=[16, 32], headline_topk=16, ppl_windows=3, recall_windows=2,
+                           speed_lengths=[256], sections=["speed", "recall"])  # fmt: skip
+    assert some.sections == ["recall", "speed"]  # in running order
+    assert section_units(some, 4) == {"recall": 2, "speed": sides * 2} and progress_total(some, 4) == 8
+    assert tokens_needed(some) == (2 * 128, 256)
+    only_passkey = CompareSettings(lengths=[64], topks=[16], headline_topk=16, sections=["passkey"])
+    assert tokens_needed(only_passkey) == (0, 0)
+    for bad in (["lm-eval"], []):
+        with pytest.raises(ValueError, match="sections"):
+            CompareSettings(lengths=[64], topks=[16], headline_topk=16, sections=bad)
 
 
 # ---------------------------------------------------------------------------------------------------
