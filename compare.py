@@ -1,12 +1,15 @@
-"""Dense vs DSA, side by side: perplexity, indexer recall, passkey, generations, speed and memory.
+"""Dense vs DSA, side by side: perplexity, indexer recall, passkey, lm-eval benchmarks (RULER), generations,
+speed and memory.
 
     uv run python compare.py --preset tiny                                    # runs/tiny/compare
     uv run python compare.py --model runs/sparse --lengths 1024,2048,4096 --topk 64,128,256,512
     uv run python compare.py --preset tiny --only perplexity,recall           # only these sections
+    uv run python compare.py --model runs/sparse --only lm-eval --lm-eval niah_single_1,niah_multikey_2 \
+        --lm-eval-lengths 4096,8192 --lm-eval-limit 20                      # RULER through lm-evaluation-harness
 
 Writes report.md (summary table first, plots embedded), results.json (docs/results_schema.md) and PNG
 plots to --output-dir. The dense side is --baseline, or by default the DSA checkpoint itself in dense mode.
-Perplexity, recall and passkey figures carry 95% intervals (dsa/stats.py).
+Every quality figure carries a 95% interval (dsa/stats.py).
 """
 
 import argparse
@@ -57,6 +60,13 @@ def section_list(text: str) -> list[str]:
     return names
 
 
+def name_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Compare a DSA checkpoint with its dense baseline.")
     p.add_argument("--model", help=f"DSA checkpoint: directory or ModelScope id (default {STAGE_DEFAULTS['compare']['model']})")
@@ -73,18 +83,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--passkey-lengths", type=int_list, help="default: --lengths")
     p.add_argument("--generations", type=int, default=2, help="generation prompts per language (Chinese, English)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
+    p.add_argument("--lm-eval", type=name_list, default=[], help="lm-eval tasks to run for every side, comma-separated (e.g. niah_single_1,niah_multikey_2)")
+    p.add_argument("--lm-eval-lengths", type=int_list, help="context lengths of the lm-eval tasks (RULER's max_seq_lengths; default: --lengths)")
+    p.add_argument("--lm-eval-limit", type=int, default=20, help="samples per lm-eval task and length")
+    p.add_argument("--lm-eval-max-gen-toks", type=int, help="cap on tokens generated per lm-eval sample (default: the task's, 128 for RULER)")
     p.add_argument("--speed-lengths", type=int_list, help="default: --lengths")
     p.add_argument("--speed-repeats", type=int, default=1, help="timed runs per length, after one warm-up")
     p.add_argument("--speed-decode-tokens", type=int, default=8, help="decode steps timed per run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bf16 on cuda, fp32 on cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--oracle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure perplexity, passkey and lm-eval with the oracle selection (top-k of the true attention): what k costs with a perfect indexer",
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), help="tiny: the pipeline's tiny model and bundled held-out data")
     sections = p.add_mutually_exclusive_group()
     sections.add_argument("--only", type=section_list, help=f"run only these sections, comma-separated: {', '.join(SECTIONS)}")
     sections.add_argument("--skip", type=section_list, help="run every section but these, comma-separated")
     args = p.parse_args(argv)
     args.sections = [name for name in SECTIONS if (name in args.only if args.only else name not in (args.skip or []))]
+    if not args.lm_eval:
+        if args.only and "lm-eval" in args.only:
+            p.error("--only lm-eval needs --lm-eval TASKS")
+        args.sections = [name for name in args.sections if name != "lm-eval"]
     if not args.sections:
         p.error(f"--skip {','.join(args.skip)} leaves no section to run")
     for name, value in stage_values("compare", args.preset).items():  # flag > preset > default (dsa/presets.py)
@@ -95,11 +119,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, parse(getattr(args, name)))
         except argparse.ArgumentTypeError as e:
             raise UsageError(f"--{name.replace('_', '-')}: {e}") from None
-    for name in ("ppl_windows", "recall_windows", "passkey_trials", "max_new_tokens", "speed_repeats", "speed_decode_tokens"):
+    for name in ("ppl_windows", "recall_windows", "passkey_trials", "max_new_tokens", "speed_repeats", "speed_decode_tokens", "lm_eval_limit"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.generations < 0 or args.skip_conversations < 0:
         raise UsageError("--generations and --skip-conversations must be >= 0")
+    if args.lm_eval_max_gen_toks is not None and args.lm_eval_max_gen_toks < 1:
+        raise UsageError(f"--lm-eval-max-gen-toks must be >= 1, got {args.lm_eval_max_gen_toks}")
     return args
 
 
@@ -123,6 +149,12 @@ def main(argv=None) -> None:
         raise UsageError(f"--device {args.device}: CUDA is not available")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
 
+    if "lm-eval" in args.sections:
+        from dsa.lm_eval import check_tasks
+
+        problems = check_tasks(args.lm_eval)
+        if problems:
+            raise UsageError(f"--lm-eval: {problems[0]}")
     data = resolve_data(args.data)
     model, model_path = load(args.model, device, dtype)
     if not isinstance(model, dsa.Qwen2DSAForCausalLM):
@@ -153,7 +185,12 @@ def main(argv=None) -> None:
         speed_lengths=args.speed_lengths,
         speed_repeats=args.speed_repeats,
         speed_decode_tokens=args.speed_decode_tokens,
+        lm_eval_tasks=args.lm_eval,
+        lm_eval_lengths=args.lm_eval_lengths,
+        lm_eval_limit=args.lm_eval_limit,
+        lm_eval_max_gen_toks=args.lm_eval_max_gen_toks,
         seed=args.seed,
+        oracle=args.oracle,
         sections=args.sections,
     )
     needed, longest = tokens_needed(settings)

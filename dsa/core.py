@@ -1,7 +1,7 @@
 """DeepSeek Sparse Attention for one attention layer, in plain PyTorch: the reference implementation.
 
 Read top to bottom: the lightning indexer (`LightningIndexer`, `index_scores`), the top-k selection
-(`select_topk`), the sparse attention (`sparse_attention`), the indexer's training signal (`attention_target`,
+(`select_topk`; `oracle_topk` for evaluation), the sparse attention (`sparse_attention`), the indexer's training signal (`attention_target`,
 `warmup_kl`, `sparse_kl`), and the layer's flow over query chunks (`dsa_attention`, `warmup_indexer_loss`).
 docs/method.md states the method; this module imports nothing from transformers (the Qwen2 integration is
 dsa/modeling.py). Faster implementations of the same contracts are backends (dsa/backends.py), each tested
@@ -179,6 +179,25 @@ def select_topk(q_I, k_I, w_I, query_pos: torch.Tensor, key_padding: torch.Tenso
     return selected, valid_slots(selected, query_pos, key_padding)
 
 
+SELECTIONS = ("indexer", "oracle")  # what ranks the keys: the indexer (DSA), or the true attention (evaluation only)
+
+
+@torch.no_grad()
+def oracle_topk(q, k, query_pos: torch.Tensor, key_padding: torch.Tensor | None, topk: int, scaling: float):
+    """The top-k allowed keys of each query by the true attention instead of the index score: by p[t, s], the
+    head-summed dense attention of section 4 (`dense_target`, the warm-up's target). No indexer can select keys
+    carrying more of p, so a model run with this selection isolates what k itself costs from what the indexer
+    misses. For evaluation: it computes the dense attention it replaces.
+
+    q: B, Hq, T, D; k: B, Hkv, S, D; query_pos, key_padding as `select_topk`  ->  selected, valid: B, T, K.
+    """
+    S = k.shape[2]
+    allowed = allowed_keys(query_pos, key_padding, S)  # B|1, T, S
+    p = dense_target(q, k, allowed, scaling).masked_fill(~allowed, float("-inf"))  # B, T, S
+    selected = p.topk(min(topk, S), dim=-1, sorted=False).indices  # B, T, K
+    return selected, valid_slots(selected, query_pos, key_padding)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Sparse attention: each query head's softmax over the query's selected keys. The selected keys of a KV head
 #    serve its G query heads (query head h belongs to KV head h // G, transformers' repeat_kv convention).
@@ -333,13 +352,16 @@ class Backend:
 REFERENCE = Backend()
 
 
-def dsa_attention(q, k, v, q_I, k_I, w_I, query_pos, key_padding, topk: int, scaling: float, training: bool, backend: Backend = REFERENCE):
+def dsa_attention(
+    q, k, v, q_I, k_I, w_I, query_pos, key_padding, topk: int, scaling: float, training: bool, backend: Backend = REFERENCE, selection: str = "indexer"
+):
     """Top-k sparse attention of one layer and, in training, the sparse-stage indexer loss.
 
     q: B, Hq, T, D; k, v: B, Hkv, S, D (cache and new tokens); q_I: B, T, H_I, d_I; k_I: B, S, d_I; w_I: B, T, H_I;
     query_pos: T (S - T, ..., S - 1); key_padding: B, S bool (True = real token) or None.
     Returns out: B, T, Hq, D and the mean over real query rows of `sparse_kl` (None unless training).
-    A chunk sees only the keys up to its last query: the later ones are never allowed.
+    A chunk sees only the keys up to its last query: the later ones are never allowed. selection "oracle" ranks
+    the keys by the true attention (`oracle_topk`) instead of the indexer's scores.
     """
     S, T = k.shape[2], len(query_pos)
     work = backend.workspace()
@@ -355,7 +377,10 @@ def dsa_attention(q, k, v, q_I, k_I, w_I, query_pos, key_padding, topk: int, sca
             if training:
                 kl = maybe_checkpoint(warmup_kl, q_c.detach(), k_c.detach(), q_I_c, k_I_c, w_I_c, allowed, scaling)
         else:
-            selected, valid = backend.select(q_I_c, k_I_c, w_I_c, pos, padding, topk, work)  # B, C, K
+            if selection == "oracle":
+                selected, valid = oracle_topk(q_c, k_c, pos, padding, topk, scaling)  # B, C, K
+            else:
+                selected, valid = backend.select(q_I_c, k_I_c, w_I_c, pos, padding, topk, work)  # B, C, K
             outs.append(maybe_checkpoint(backend.attend, q_c, k_c, v_c, selected, valid, scaling, work))
             if training:
                 kl = maybe_checkpoint(sparse_kl, q_c.detach(), k_c.detach(), q_I_c, k_I_c, w_I_c, selected, valid, scaling)

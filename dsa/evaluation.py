@@ -1,4 +1,4 @@
-"""Dense vs DSA measurements: perplexity, indexer recall, passkey, generations, speed.
+"""Dense vs DSA measurements: perplexity, indexer recall, passkey, lm-eval benchmarks, generations, speed.
 
 Each side of a comparison is a `Variant`: a model plus the DSA mode / top-k it runs in. The DSA checkpoint
 serves both sides when no separate baseline is given (`dsa.set_mode(model, "dense")` is stock attention).
@@ -23,7 +23,7 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from .data import PackedSFT, encode_conversation
 from .core import allowed_keys, attention_target, query_chunks, select_topk
-from .modeling import Qwen2DSAForCausalLM, dsa_cache, set_mode, set_topk
+from .modeling import Qwen2DSAForCausalLM, dsa_cache, set_mode, set_selection, set_topk
 from .stats import mean_interval, paired_relative_difference, perplexity_interval, wilson_interval
 
 
@@ -31,17 +31,33 @@ from .stats import mean_interval, paired_relative_difference, perplexity_interva
 class Variant:
     """One side of the comparison. mode None: a plain (non-DSA) model, run as it is."""
 
-    name: str  # "dense" or "dsa"
+    name: str  # "dense", "dsa" or "oracle"
     model: torch.nn.Module
     mode: str | None = None
     topk: int | None = None
+    selection: str | None = None  # sparse mode: "indexer" (DSA) or "oracle" (dsa.set_selection)
 
     def activate(self) -> torch.nn.Module:
         if self.mode is not None:
             set_mode(self.model, self.mode)
         if self.topk is not None:
             set_topk(self.model, self.topk)
+        if self.selection is not None:
+            set_selection(self.model, self.selection)
         return self.model
+
+
+ORACLE = "oracle:"  # side name prefix of the oracle selection: "oracle:128"; DSA's sides are named by k alone
+
+
+def grouped(values: dict) -> dict:
+    """Per-side values keyed by side name ("dense", "128", "oracle:128") -> the results' layout:
+    {"dense": ..., "dsa": {"128": ...}, "oracle": {"128": ...}} ("oracle" only when oracle sides ran)."""
+    out = {"dense": values["dense"], "dsa": {k: v for k, v in values.items() if k != "dense" and not k.startswith(ORACLE)}}
+    oracle = {k.removeprefix(ORACLE): v for k, v in values.items() if k.startswith(ORACLE)}
+    if oracle:
+        out["oracle"] = oracle
+    return out
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -409,7 +425,7 @@ def device_description(device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-SECTIONS = ("perplexity", "recall", "passkey", "generations", "speed")  # compare.py --only / --skip
+SECTIONS = ("perplexity", "recall", "passkey", "lm-eval", "generations", "speed")  # compare.py --only / --skip
 
 
 @dataclass
@@ -429,15 +445,25 @@ class CompareSettings:
     speed_repeats: int = 1
     speed_decode_tokens: int = 8
     seed: int = 0
-    sections: list[str] = field(default_factory=lambda: list(SECTIONS))  # the measurements to run, a subset of SECTIONS
+    lm_eval_tasks: list[str] = field(default_factory=list)  # lm-eval task names (the "lm-eval" section runs with some)
+    lm_eval_lengths: list[int] | None = None  # default: lengths
+    lm_eval_limit: int = 20  # samples per (task, length)
+    lm_eval_max_gen_toks: int | None = None  # cap on generated tokens per sample (None: the task's own)
+    oracle: bool = True  # also run every quality section with the oracle selection (dsa.core.oracle_topk)
+    sections: list[str] | None = None  # the measurements to run, a subset of SECTIONS (default: all, lm-eval if tasks given)
 
     def __post_init__(self):
         if self.headline_topk not in self.topks:
             raise ValueError(f"headline_topk={self.headline_topk} is not in topks={self.topks}")
+        if self.sections is None:
+            self.sections = [name for name in SECTIONS if name != "lm-eval" or self.lm_eval_tasks]
         unknown = [name for name in self.sections if name not in SECTIONS]
         if unknown or not self.sections:
             raise ValueError(f"sections must be a non-empty subset of {SECTIONS}, got {self.sections}")
         self.sections = [name for name in SECTIONS if name in self.sections]  # in running order
+        if "lm-eval" in self.sections and not self.lm_eval_tasks:
+            raise ValueError("the lm-eval section needs lm_eval_tasks")
+        self.lm_eval_lengths = self.lm_eval_lengths or list(self.lengths)
         self.recall_length = self.recall_length or max(self.lengths)
         self.passkey_lengths = self.passkey_lengths or list(self.lengths)
         self.decode_length = self.decode_length or min(self.lengths)
@@ -446,11 +472,13 @@ class CompareSettings:
 
 def section_units(s: CompareSettings, n_prompts: int) -> dict[str, int]:
     """Progress units of each section in s.sections: a forward pass (or generate call, or speed probe) each."""
-    sides = 1 + len(s.topks)
+    sides = 1 + len(s.topks)  # dense and DSA at each k
+    quality_sides = sides + (len(s.topks) if s.oracle else 0)  # and the oracle at each k
     units = {
-        "perplexity": sides * len(s.lengths) * s.ppl_windows + 2,  # + decode-path check: prefill and token by token
+        "perplexity": quality_sides * len(s.lengths) * s.ppl_windows + 2,  # + decode-path check: prefill and token by token
         "recall": s.recall_windows,
-        "passkey": sides * len(s.passkey_lengths) * len(s.passkey_depths) * s.passkey_trials,
+        "passkey": quality_sides * len(s.passkey_lengths) * len(s.passkey_depths) * s.passkey_trials,
+        "lm-eval": quality_sides * len(s.lm_eval_tasks) * len(s.lm_eval_lengths),  # one lm-eval run each
         "generations": 2 * n_prompts,
         "speed": sides * (1 + len(s.speed_lengths) * s.speed_repeats),  # + one warm-up probe per side
     }
@@ -499,17 +527,16 @@ def perplexity_results(sides, headline: Variant, tokens: list[int], s: CompareSe
             bar.update(s.ppl_windows - len(windows))
             window_nll[name].append(nll)
     window_ppl = {name: [[math.exp(x) for x in per_length] for per_length in v] for name, v in window_nll.items()}
-    ks = [name for name, _ in sides if name != "dense"]
+    vs_dense = grouped(
+        {name: [paired_relative_difference(a, b) for a, b in zip(ppl, window_ppl["dense"])] for name, ppl in window_ppl.items()}
+    )
     results = {
         "perplexity": {
             "lengths": s.lengths,
             "windows": n_windows,
-            "dense": [perplexity_interval(x) for x in window_nll["dense"]],
-            "dsa": {k: [perplexity_interval(x) for x in window_nll[k]] for k in ks},
-            "dsa_vs_dense": {
-                k: [paired_relative_difference(a, b) for a, b in zip(window_ppl[k], window_ppl["dense"])] for k in ks
-            },
-            "per_window": {"dense": window_ppl["dense"], "dsa": {k: window_ppl[k] for k in ks}},
+            **grouped({name: [perplexity_interval(x) for x in nll] for name, nll in window_nll.items()}),
+            **{f"{group}_vs_dense": vs_dense[group] for group in ("dsa", "oracle") if group in vs_dense},
+            "per_window": grouped(window_ppl),
         }
     }
 
@@ -573,16 +600,57 @@ def passkey_results(sides, tokenizer, s: CompareSettings, step) -> dict:
             step(f"L={length} {name}")
         grid[name] = [[wilson_interval(sum(hits[(L, d)]), len(hits[(L, d)])) for d in s.passkey_depths] for L in s.passkey_lengths]
         overall[name] = wilson_interval(sum(map(sum, hits.values())), len(cells))
-    ks = [name for name, _ in sides if name != "dense"]
     return {
         "passkey": {
             "lengths": s.passkey_lengths,
             "depths": s.passkey_depths,
             "trials": s.passkey_trials,
-            "dense": grid["dense"],
-            "dsa": {k: grid[k] for k in ks},
-            "all_cells": {"dense": overall["dense"], "dsa": {k: overall[k] for k in ks}},
+            **grouped(grid),
+            "all_cells": grouped(overall),
             "samples": samples,
+        }
+    }
+
+
+def lm_eval_results(sides, tokenizer, s: CompareSettings, step) -> dict:
+    """The "lm_eval" entry: every task at every length for every side (dsa.lm_eval.LmEvalSuite, the same
+    samples for every side). Per (task, side, length) the figure of the per-sample scores (Wilson interval
+    for 0/1 scores, else t interval); per sparse side the paired difference to dense: the t interval
+    (stats.mean_interval) of the per-sample differences sparse - dense, in score units (accuracy: a fraction).
+    A task that could not be loaded at any length is left out of "scores" and named in "failed"."""
+    from .lm_eval import LmEvalSuite  # lm-eval is imported only when the section runs (~5 s)
+
+    suite = LmEvalSuite(s.lm_eval_tasks, s.lm_eval_lengths, tokenizer, s.lm_eval_limit, s.lm_eval_max_gen_toks, seed=s.seed)
+    try:
+        runs = {name: suite.evaluate(variant.activate(), step=lambda label, name=name: step(f"{label} {name}")) for name, variant in sides}
+    finally:
+        suite.close()
+    scores, vs_dense, per_sample = {}, {}, {}
+    for task in s.lm_eval_tasks:
+        if all(run is None for run in runs["dense"][task]):
+            continue
+        scores[task] = grouped({name: [run and run["figure"] for run in v[task]] for name, v in runs.items()})
+        per_sample[task] = grouped({name: [run and run["scores"] for run in v[task]] for name, v in runs.items()})
+        dense = runs["dense"][task]
+        differences = {
+            name: [
+                mean_interval([a - b for a, b in zip(run["scores"], base["scores"])]) if run and base and base["scores"] else None
+                for run, base in zip(v[task], dense)
+            ]
+            for name, v in runs.items()
+            if name != "dense"
+        }
+        vs_dense[task] = {group: v for group, v in grouped({"dense": None, **differences}).items() if group != "dense"}
+    return {
+        "lm_eval": {
+            "tasks": s.lm_eval_tasks,
+            "lengths": s.lm_eval_lengths,
+            "limit": s.lm_eval_limit,
+            "max_gen_toks": s.lm_eval_max_gen_toks,
+            "scores": scores,
+            "vs_dense": vs_dense,
+            "per_sample": per_sample,
+            "failed": suite.failed,
         }
     }
 
@@ -615,13 +683,12 @@ def speed_results(sides, tokens: list[int], s: CompareSettings, step) -> dict:
                 step(f"L={length} {name}")
             for metric in speed:
                 speed[metric][name].append(median([p[metric] for p in probes]))
-    ks = [name for name, _ in sides if name != "dense"]
     return {
         "speed": {
             "lengths": s.speed_lengths,
             "repeats": s.speed_repeats,
             "decode_tokens": s.speed_decode_tokens,
-            **{metric: {"dense": v["dense"], "dsa": {k: v[k] for k in ks}} for metric, v in speed.items()},
+            **{metric: grouped(v) for metric, v in speed.items()},
         }
     }
 
@@ -635,8 +702,10 @@ def compare(dense: Variant, dsa_model, tokenizer, tokens: list[int], prompts: li
     the rest the prompt of the side-by-side generations; bar: a tqdm bar (total progress_total(s,
     len(prompts))), its description set to the running section.
     """
-    sparse = {k: Variant("dsa", dsa_model, "sparse", k) for k in s.topks}
-    sides = [("dense", dense)] + [(str(k), v) for k, v in sparse.items()]
+    sparse = {k: Variant("dsa", dsa_model, "sparse", k, "indexer") for k in s.topks}
+    sides = [("dense", dense)] + [(str(k), v) for k, v in sparse.items()]  # (side name, variant)
+    oracle = [(f"{ORACLE}{k}", Variant("oracle", dsa_model, "sparse", k, "oracle")) for k in s.topks] if s.oracle else []
+    quality_sides = sides + oracle  # the speed section times dense and DSA only
     headline = sparse[s.headline_topk]
 
     def step(label: str):
@@ -644,9 +713,10 @@ def compare(dense: Variant, dsa_model, tokenizer, tokens: list[int], prompts: li
         bar.update(1)
 
     measure = {
-        "perplexity": lambda: perplexity_results(sides, headline, tokens, s, bar, step),
+        "perplexity": lambda: perplexity_results(quality_sides, headline, tokens, s, bar, step),
         "recall": lambda: recall_results(dsa_model, tokens, s, bar, step),
-        "passkey": lambda: passkey_results(sides, tokenizer, s, step),
+        "passkey": lambda: passkey_results(quality_sides, tokenizer, s, step),
+        "lm-eval": lambda: lm_eval_results(quality_sides, tokenizer, s, step),
         "generations": lambda: generation_results(dense, headline, tokenizer, prompts, s, step),
         "speed": lambda: speed_results(sides, tokens, s, step),
     }

@@ -26,7 +26,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from . import backends
 from .cache import GrowingIndexedLayer
 from .config import DSAConfig, Qwen2DSAConfig, dsa_config_from
-from .core import Backend, LightningIndexer, dsa_attention
+from .core import SELECTIONS, Backend, LightningIndexer, dsa_attention
 
 MODES = ("dense", "warmup", "sparse")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # static frequencies; "dynamic" and "longrope" depend on the length
@@ -70,6 +70,7 @@ class Qwen2DSAAttention(Qwen2Attention):
         self.topk = config.index_topk
         self.mode = "sparse"
         self.backend: str | Backend = "auto"  # a name of dsa.backends or a Backend; see set_backend
+        self.selection = "indexer"  # or "oracle" (evaluation only); see set_selection
         self.indexer_loss: torch.Tensor | None = None  # set by each training forward in warmup / sparse mode
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -109,7 +110,7 @@ class Qwen2DSAAttention(Qwen2Attention):
                 self.indexer_loss = backend.warmup_loss(q, k, q_I, k_I, w_I, query_pos, dsa_key_padding, self.scaling)
             else:
                 out, self.indexer_loss = dsa_attention(
-                    q, k, v, q_I, k_I, w_I, query_pos, dsa_key_padding, self.topk, self.scaling, self.training, backend
+                    q, k, v, q_I, k_I, w_I, query_pos, dsa_key_padding, self.topk, self.scaling, self.training, backend, self.selection
                 )
         return self.o_proj(out.reshape(B, T, -1).contiguous()), None
 
@@ -235,6 +236,17 @@ def set_backend(model: torch.nn.Module, backend: str | Backend) -> torch.nn.Modu
     backend = backends.check_backend(backend)
     for layer in dsa_attention_layers(model):
         layer.backend = backend
+    return model
+
+
+def set_selection(model: torch.nn.Module, selection: str) -> torch.nn.Module:
+    """How sparse mode ranks the keys in every DSA layer: "indexer" (DSA, the default) or "oracle": the top-k of
+    the true head-summed dense attention (dsa.core.oracle_topk), an evaluation-only upper bound on what any
+    indexer could select at this k."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    for layer in dsa_attention_layers(model):
+        layer.selection = selection
     return model
 
 

@@ -45,11 +45,12 @@ def fmt_figure(fig: dict | None, digits: int = 3) -> str:
     return f"{fmt(fig['mean'], digits)} [{fmt(fig['ci_low'], digits)}, {fmt(fig['ci_high'], digits)}]"
 
 
-def fmt_change(fig: dict | None) -> str:
-    """A relative difference figure in percent, "+2.1% [+0.8, +3.4]", with MARK when its interval excludes 0."""
+def fmt_change(fig: dict | None, unit: str = "%") -> str:
+    """A difference figure (a fraction) in percent, "+2.1% [+0.8, +3.4]" (unit " pts": percentage points of an
+    accuracy), with MARK when its interval excludes 0."""
     if fig is None:
         return "—"
-    text = f"{percent(fig['mean'])}%"
+    text = f"{percent(fig['mean'])}{unit}"
     if fig["ci_low"] is not None:
         text += f" [{percent(fig['ci_low'])}, {percent(fig['ci_high'])}]"
     return text + (MARK if excludes_zero(fig) else "")
@@ -89,6 +90,16 @@ def error_bars(figures: list[dict]) -> list[list[float]]:
     return [below, above]
 
 
+def quality_columns(entry: dict) -> list[tuple[str, str]]:
+    """(group, k) of the sparse sides in a results entry: DSA (the indexer's selection) at each k, then the
+    oracle selection at each k where it ran."""
+    return [(group, k) for group in ("dsa", "oracle") if group in entry for k in entry[group]]
+
+
+def column_label(group: str, k: str) -> str:
+    return f"{'DSA' if group == 'dsa' else 'oracle'} k={k}"
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -111,19 +122,21 @@ def plot_perplexity(r: dict, path: Path) -> str:
     """Left: perplexity vs length per side; right: the paired DSA vs dense difference; 95% error bars."""
     ppl = r["perplexity"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    n = 1 + len(ppl["dsa"])
+    columns = quality_columns(ppl)
+    n = 1 + len(columns)
     x = ppl["lengths"]
+    style = {"dsa": "s--", "oracle": "^:"}
     left.errorbar(dodge(x, 0, n), means(ppl["dense"]), yerr=error_bars(ppl["dense"]), fmt="o-", color="black", label="dense", linewidth=2, capsize=3)
-    for i, (k, figures) in enumerate(ppl["dsa"].items(), 1):
-        left.errorbar(dodge(x, i, n), means(figures), yerr=error_bars(figures), fmt="s--", label=f"DSA k={k}", capsize=3)
-    for i, (k, figures) in enumerate(ppl["dsa_vs_dense"].items(), 1):
-        percent = [scaled(f, 100) for f in figures]
-        right.errorbar(dodge(x, i, n), means(percent), yerr=error_bars(percent), fmt="s--", label=f"DSA k={k}", capsize=3)
+    for i, (group, k) in enumerate(columns, 1):
+        figures = ppl[group][k]
+        left.errorbar(dodge(x, i, n), means(figures), yerr=error_bars(figures), fmt=style[group], label=column_label(group, k), capsize=3)
+        percent = [scaled(f, 100) for f in ppl[f"{group}_vs_dense"][k]]
+        right.errorbar(dodge(x, i, n), means(percent), yerr=error_bars(percent), fmt=style[group], label=column_label(group, k), capsize=3)
     right.axhline(0, color="black", linewidth=1)
     left.set_ylabel("perplexity")
     left.set_title("Held-out perplexity vs context length")
-    right.set_ylabel("DSA / dense - 1 (%), paired per window")
-    right.set_title("Perplexity change, DSA vs dense")
+    right.set_ylabel("sparse / dense - 1 (%), paired per window")
+    right.set_title("Perplexity change vs dense (DSA: indexer top-k; oracle: true top-k)")
     for ax in (left, right):
         ax.set_xscale("log", base=2)
         ax.set_xticks(ppl["lengths"], [str(n) for n in ppl["lengths"]])
@@ -168,7 +181,7 @@ def plot_recall(r: dict, path: Path) -> str:
 def plot_passkey(r: dict, path: Path) -> str:
     """Accuracy per (length, depth) cell and side, each cell labelled with its 95% Wilson interval."""
     pk = r["passkey"]
-    grids = [("dense", pk["dense"])] + [(f"DSA k={k}", acc) for k, acc in pk["dsa"].items()]
+    grids = [("dense", pk["dense"])] + [(column_label(group, k), pk[group][k]) for group, k in quality_columns(pk)]
     fig, axes = plt.subplots(1, len(grids), figsize=(max(6.0, 2.2 + 1.3 * len(pk["lengths"]) * len(grids)), 4), squeeze=False)
     for ax, (title, acc) in zip(axes[0], grids):
         grid = [[acc[i][j] for i in range(len(pk["lengths"]))] for j in range(len(pk["depths"]))]  # depth x length
@@ -183,6 +196,33 @@ def plot_passkey(r: dict, path: Path) -> str:
         ax.set_ylabel("needle depth")
         ax.set_title(title)
     fig.suptitle(f"Passkey retrieval accuracy [95% Wilson interval]\n{pk['trials']} trial(s) per cell, greedy, exact match", fontsize=10)
+    return save(fig, path)
+
+
+def plot_lm_eval(r: dict, path: Path) -> str:
+    """Score vs context length per task and side, 95% error bars; a length where a side has no score is left out."""
+    lm = r["lm_eval"]
+    tasks = list(lm["scores"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    style = {"dense": "o-", "dsa": "s--", "oracle": "^:"}
+    for ax, task in zip(axes[0], tasks):
+        scores = lm["scores"][task]
+        series = [("dense", "dense", scores["dense"])] + [(g, column_label(g, k), scores[g][k]) for g, k in quality_columns(scores)]
+        for i, (group, label, figures) in enumerate(series):
+            kept = [(L, f) for L, f in zip(dodge(lm["lengths"], i, len(series)), figures) if f is not None]
+            if kept:
+                x, figs = zip(*kept)
+                color = {"color": "black", "linewidth": 2} if group == "dense" else {}
+                ax.errorbar(x, means(figs), yerr=error_bars(figs), fmt=style[group], label=label, capsize=3, **color)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lm["lengths"], [str(n) for n in lm["lengths"]])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("score")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{task} ({lm['limit']} samples per length)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("lm-eval scores, 95% intervals (Wilson for 0/1 scores)", fontsize=9)
     return save(fig, path)
 
 
@@ -208,71 +248,96 @@ def plot_speed(r: dict, path: Path) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def change_cell(ppl: dict, k: str, i: int) -> str:
-    """The paired DSA vs dense perplexity change at k and the i-th length; "k >= L" where DSA is dense attention
-    (the difference is then rounding noise, not worth a mark)."""
-    return "k >= L" if int(k) >= ppl["lengths"][i] else fmt_change(ppl["dsa_vs_dense"][k][i])
+def change_cell(ppl: dict, group: str, k: str, i: int) -> str:
+    """The paired perplexity change vs dense of a sparse side (group "dsa" or "oracle") at k and the i-th length;
+    "k >= L" where sparse attention is dense attention (the difference is then rounding noise, not worth a mark)."""
+    return "k >= L" if int(k) >= ppl["lengths"][i] else fmt_change(ppl[f"{group}_vs_dense"][k][i])
 
 
-def summary_rows(r: dict, ks: list[str]) -> list[list[str]]:
-    """The summary table's rows of the sections that ran, at the largest length of each."""
+def side_figure(entry: dict, group: str, k: str, i: int | None = None, digits: int = 3) -> str:
+    """The figure of a sparse side in a results entry ([i]: of the i-th length), '—' where that side did not run."""
+    if group not in entry:
+        return "—"
+    figure = entry[group][k]
+    return fmt_figure(figure if i is None else figure[i], digits)
+
+
+def summary_rows(r: dict, columns: list[tuple[str, str]]) -> list[list[str]]:
+    """The summary table's rows of the sections that ran, at the largest length of each; one cell per
+    (group, k) column ('—' where a section does not measure that side: recall and speed are DSA's own)."""
     rows = []
     if "perplexity" in r:
         ppl = r["perplexity"]
         i = len(ppl["lengths"]) - 1
         L, n = ppl["lengths"][i], ppl["windows"][i]
-        rows.append([f"perplexity, L={L} ({n} windows)", fmt_figure(ppl["dense"][i])] + [fmt_figure(ppl["dsa"][k][i]) for k in ks])
-        rows.append([f"perplexity DSA vs dense, L={L} (paired)", "—"] + [change_cell(ppl, k, i) for k in ks])
+        rows.append([f"perplexity, L={L} ({n} windows)", fmt_figure(ppl["dense"][i])] + [side_figure(ppl, g, k, i) for g, k in columns])
+        rows.append([f"perplexity vs dense, L={L} (paired)", "—"] + [change_cell(ppl, g, k, i) if g in ppl else "—" for g, k in columns])
     if "recall" in r:
         rec = r["recall"]
-        rows.append(
-            [f"indexer recall, L={rec['length']} (oracle / last-k / random)", "—"]
-            + [
-                fmt_figure(m["indexer"], 2) + f" ({fmt(m['oracle']['mean'], 2)} / {fmt(m['last_k']['mean'], 2)} / {fmt(m['random']['mean'], 2)})"
-                if m["indexer"] is not None
-                else "k >= L"
-                for m in (rec["mean"][k] for k in ks)
-            ]
-        )
+        rows.append([f"indexer recall, L={rec['length']} (oracle / last-k / random)", "—"] + [recall_cell(rec["mean"][k]) if g == "dsa" else "—" for g, k in columns])
     if "passkey" in r:
         pk = r["passkey"]["all_cells"]
-        rows.append(["passkey accuracy (all cells)", fmt_figure(pk["dense"], 2)] + [fmt_figure(pk["dsa"][k], 2) for k in ks])
+        rows.append(["passkey accuracy (all cells)", fmt_figure(pk["dense"], 2)] + [side_figure(pk, g, k, digits=2) for g, k in columns])
+    if "lm_eval" in r:
+        lm = r["lm_eval"]
+        j = len(lm["lengths"]) - 1
+        for task, scores in lm["scores"].items():
+            L = lm["lengths"][j]
+            rows.append([f"{task}, L={L}", fmt_figure(scores["dense"][j], 2)] + [side_figure(scores, g, k, j, digits=2) for g, k in columns])
+            diffs = lm["vs_dense"][task]
+            rows.append([f"{task} vs dense, L={L} (paired)", "—"] + [fmt_change(diffs[g][k][j], " pts") if g in diffs else "—" for g, k in columns])
     if "speed" in r:
         sp = r["speed"]
         j = len(sp["lengths"]) - 1
         for metric, label in SPEED_METRICS.items():
             dense = sp[metric]["dense"][j]
-            rows.append([f"{label}, L={sp['lengths'][j]}", fmt(dense)] + [fmt(sp[metric]["dsa"][k][j]) + ratio(sp[metric]["dsa"][k][j], dense) for k in ks])
+            cells = [fmt(sp[metric]["dsa"][k][j]) + ratio(sp[metric]["dsa"][k][j], dense) if g == "dsa" else "—" for g, k in columns]
+            rows.append([f"{label}, L={sp['lengths'][j]}", fmt(dense)] + cells)
     return rows
+
+
+def recall_cell(m: dict) -> str:
+    """The indexer's recall at one k with the oracle / last-k / random recalls beside it."""
+    if m["indexer"] is None:
+        return "k >= L"
+    return fmt_figure(m["indexer"], 2) + f" ({fmt(m['oracle']['mean'], 2)} / {fmt(m['last_k']['mean'], 2)} / {fmt(m['random']['mean'], 2)})"
 
 
 INTERVALS = (
     "Brackets: 95% intervals. Perplexity: exp of the t interval over windows of the per-window mean loss; DSA vs "
     "dense: per window DSA / dense − 1 on the same tokens (paired), t interval over windows; recall: t interval "
-    "over every (window, layer) value; passkey: Wilson interval over the trials. No interval from a single window."
+    "over every (window, layer) value; passkey and 0/1 benchmark scores: Wilson interval over the trials; benchmark "
+    "vs dense: per sample sparse − dense on the same samples (paired), t interval, in percentage points (pts). "
+    "No interval from a single window."
 )
 
 
 def skipped_sections(r: dict) -> list[str]:
-    return [name for name in SECTIONS if name not in r["settings"]["sections"]]
+    """The sections left out by --only / --skip (lm-eval counts only when tasks were given)."""
+    asked = r["settings"].get("lm_eval_tasks")
+    return [name for name in SECTIONS if name not in r["settings"]["sections"] and (name != "lm-eval" or asked)]
 
 
 def summary_section(r: dict) -> str:
     meta = r["meta"]
     ks = [str(k) for k in r["settings"]["topks"]]
-    header = ["", "dense"] + [f"DSA k={k}" for k in ks]
+    columns = [("dsa", k) for k in ks] + ([("oracle", k) for k in ks] if r["settings"].get("oracle") else [])
+    header = ["", "dense"] + [column_label(g, k) for g, k in columns]
     blocks = [
         "## Summary",
         "",
         f"Model `{meta['model']}` ({meta['n_params'] / 1e6:.1f}M parameters, {meta['n_layers']} layers, vocabulary "
         f"{meta['vocab_size']}) on **{meta['device']}**, {meta['dtype']}. Dense side: {meta['baseline']}. "
-        f"DSA: top-k sparse attention in every layer. Ratios in parentheses (speed, memory) are DSA / dense.",
+        f"DSA: top-k sparse attention in every layer, the keys chosen by the lightning indexer. Oracle: the same "
+        f"sparse attention with the top-k keys of the true head-summed dense attention (evaluation only): its loss is "
+        f"what k itself costs, the rest of DSA's loss is what the indexer misses. Ratios in parentheses (speed, "
+        f"memory) are DSA / dense.",
         "",
     ]
     skipped = skipped_sections(r)
     if skipped:
         blocks += [f"Sections skipped in this run (--only / --skip): {', '.join(skipped)}.", ""]
-    rows = summary_rows(r, ks)
+    rows = summary_rows(r, columns)
     if rows:
         blocks += [table(header, rows), "", INTERVALS + " " + MARK_LEGEND]
     if "decode_perplexity" in r:
@@ -292,11 +357,11 @@ def summary_section(r: dict) -> str:
 
 def perplexity_section(r: dict, plot: str) -> str:
     ppl = r["perplexity"]
-    ks = list(ppl["dsa"])
-    header = ["L", "windows", "dense"] + [f"DSA k={k}" for k in ks]
+    columns = quality_columns(ppl)
+    labels = [column_label(g, k) for g, k in columns]
     windows = list(enumerate(zip(ppl["lengths"], ppl["windows"])))
-    values = [[str(L), str(n), fmt_figure(ppl["dense"][i])] + [fmt_figure(ppl["dsa"][k][i]) for k in ks] for i, (L, n) in windows]
-    changes = [[str(L), str(n)] + [change_cell(ppl, k, i) for k in ks] for i, (L, n) in windows]
+    values = [[str(L), str(n), fmt_figure(ppl["dense"][i])] + [side_figure(ppl, g, k, i) for g, k in columns] for i, (L, n) in windows]
+    changes = [[str(L), str(n)] + [change_cell(ppl, g, k, i) for g, k in columns] for i, (L, n) in windows]
     return "\n".join(
         [
             "## 1. Perplexity vs context length",
@@ -305,12 +370,12 @@ def perplexity_section(r: dict, plot: str) -> str:
             "its mean next-token loss x; perplexity = exp(mean of x over the windows) (= exp of the mean loss over "
             "every position), with exp of the 95% t interval of x over the windows:",
             "",
-            table(header, values),
+            table(["L", "windows", "dense"] + labels, values),
             "",
-            "DSA vs dense, paired: per window the relative difference of perplexity exp(x_DSA) / exp(x_dense) − 1 on "
-            "the same tokens, mean and 95% t interval over the windows. " + MARK_LEGEND,
+            "Sparse vs dense, paired: per window the relative difference of perplexity exp(x_sparse) / exp(x_dense) − 1 "
+            "on the same tokens, mean and 95% t interval over the windows. " + MARK_LEGEND,
             "",
-            table(["L", "windows"] + [f"DSA k={k}" for k in ks], changes),
+            table(["L", "windows"] + labels, changes),
             "",
             f"![perplexity]({plot})",
         ]
@@ -339,7 +404,11 @@ def recall_section(r: dict, plot: str) -> str:
 
 
 def side_name(side: str) -> str:
-    return side if side == "dense" else f"DSA k={side}"
+    """A side's name in the results ("dense", "128", "oracle:128") as the report's column label."""
+    if side == "dense":
+        return side
+    group, _, k = side.rpartition(":")
+    return column_label(group or "dsa", k)
 
 
 def passkey_caveat(pk: dict) -> list[str]:
@@ -357,7 +426,8 @@ def passkey_caveat(pk: dict) -> list[str]:
 def passkey_section(r: dict, plot: str) -> str:
     pk = r["passkey"]
     overall = pk["all_cells"]
-    accuracy_row = ["all cells", fmt_figure(overall["dense"], 2)] + [fmt_figure(f, 2) for f in overall["dsa"].values()]
+    columns = quality_columns(overall)
+    accuracy_row = ["all cells", fmt_figure(overall["dense"], 2)] + [side_figure(overall, g, k, digits=2) for g, k in columns]
     samples = "\n".join(
         f"- {side_name(s['side'])} (L={s['length']}, depth {s['depth']:.0%}, key {s['key']}): `{s['answer'].strip()!r}`" for s in pk["samples"]
     )
@@ -373,7 +443,7 @@ def passkey_section(r: dict, plot: str) -> str:
             f"{pk['trials']} trial(s) per cell, the same prompts for every side. Accuracy with its 95% Wilson "
             "interval over the trials:",
             "",
-            table(["", "dense"] + [f"DSA k={k}" for k in pk["dsa"]], [accuracy_row]),
+            table(["", "dense"] + [column_label(g, k) for g, k in columns], [accuracy_row]),
             "",
             *passkey_caveat(pk),
             f"![passkey]({plot})",
@@ -385,10 +455,38 @@ def passkey_section(r: dict, plot: str) -> str:
     )
 
 
+def lm_eval_section(r: dict, plot: str | None) -> str:
+    lm = r["lm_eval"]
+    blocks = [
+        "## 4. Standard benchmarks (lm-evaluation-harness)",
+        "",
+        f"lm-eval tasks on the same loaded model for every side (lm-eval's HFLM wrapper, batch size 1, greedy), "
+        f"the first {lm['limit']} samples of each task at each context length (RULER: its max_seq_lengths, the "
+        f"samples generated with this model's tokenizer; the same samples for every side)"
+        + (f", at most {lm['max_gen_toks']} generated tokens per sample" if lm["max_gen_toks"] else "")
+        + ". Score per sample: RULER's string match (fraction of the reference answers found in the output), "
+        "else the task's first metric; 0/1 scores get a Wilson interval, fractional ones a t interval. "
+        "Sparse vs dense: per sample sparse − dense, mean and t interval, in percentage points. " + MARK_LEGEND,
+    ]
+    for task, scores in lm["scores"].items():
+        columns = quality_columns(scores)
+        labels = [column_label(g, k) for g, k in columns]
+        lengths = list(enumerate(lm["lengths"]))
+        values = [[str(L), fmt_figure(scores["dense"][i], 2)] + [side_figure(scores, g, k, i, digits=2) for g, k in columns] for i, L in lengths]
+        diffs = lm["vs_dense"][task]
+        changes = [[str(L)] + [fmt_change(diffs[g][k][i], " pts") if g in diffs else "—" for g, k in columns] for i, L in lengths]
+        blocks += ["", f"**{task}**", "", table(["L", "dense"] + labels, values), "", table(["L"] + [f"{x} vs dense" for x in labels], changes)]
+    for task, message in lm["failed"].items():
+        blocks += ["", f"- {task}: not run, {message}"]
+    if plot:
+        blocks += ["", f"![lm-eval scores]({plot})"]
+    return "\n".join(blocks)
+
+
 def generations_section(r: dict) -> str:
     gen = r["generations"]
     blocks = [
-        "## 4. Generations",
+        "## 5. Generations",
         "",
         f"Held-out conversations without their last answer, in the chat template; greedy decoding, at most "
         f"{gen['max_new_tokens']} new tokens, dense vs DSA k={gen['topk']}.",
@@ -421,7 +519,7 @@ def speed_section(r: dict, plot: str) -> str:
     ks = list(sp["prefill_s"]["dsa"])
     memory = "torch.cuda.max_memory_allocated" if r["meta"]["device"].endswith("(cuda)") else "malloc'd bytes in use, glibc mallinfo2, sampled every ms"
     blocks = [
-        "## 5. Speed and memory",
+        "## 6. Speed and memory",
         "",
         f"On {r['meta']['device']}, {r['meta']['dtype']}: one prefill of L tokens into a fresh cache (last-position logits "
         f"only), then {sp['decode_tokens']} greedy decode steps at context ~L; median of {sp['repeats']} run(s) after a "
@@ -467,6 +565,9 @@ def write_report(results: dict, output_dir) -> Path:
         sections.append(recall_section(results, plot_recall(results, out / "recall.png")))
     if "passkey" in results:
         sections.append(passkey_section(results, plot_passkey(results, out / "passkey.png")))
+    if "lm_eval" in results:
+        lm_plot = plot_lm_eval(results, out / "lm_eval.png") if results["lm_eval"]["scores"] else None
+        sections.append(lm_eval_section(results, lm_plot))
     if "generations" in results:
         sections.append(generations_section(results))
     if "speed" in results:

@@ -9,22 +9,8 @@ import torch
 import compare
 import dsa
 from dsa.presets import SAMPLES_DIR
-from dsa.tiny import build_tokenizer, tiny_model
 
 HELD_OUT = str(SAMPLES_DIR / "sft_heldout.jsonl")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A random tiny DSA model (k = 16) and its tokenizer, saved like a training output."""
-    path = tmp_path_factory.mktemp("dsa_checkpoint")
-    tokenizer = build_tokenizer([SAMPLES_DIR / "sft_heldout.jsonl"], vocab_size=400)
-    torch.manual_seed(0)
-    base = tiny_model(tokenizer)
-    model = dsa.add_indexers(base, dsa.DSAConfig(index_n_heads=2, index_head_dim=16, index_rope_dim=8, index_topk=16))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 FLAGS = [
@@ -72,6 +58,11 @@ def test_report_end_to_end(checkpoint, tmp_path):
     assert [f["mean"] for f in ppl["dsa"]["64"]] == pytest.approx([f["mean"] for f in ppl["dense"]], rel=1e-5)
     assert all(abs(f["mean"]) < 1e-5 for f in ppl["dsa_vs_dense"]["64"])
     assert ppl["dsa"]["16"][0]["mean"] != pytest.approx(ppl["dense"][0]["mean"], rel=1e-4)
+    # the oracle selection: dense at k >= L, its own figures and paired differences at k < L
+    assert set(ppl["oracle"]) == set(ppl["oracle_vs_dense"]) == {"16", "64"}
+    assert [f["mean"] for f in ppl["oracle"]["64"]] == pytest.approx([f["mean"] for f in ppl["dense"]], rel=1e-5)
+    assert ppl["oracle"]["16"][0]["mean"] not in (pytest.approx(ppl["dsa"]["16"][0]["mean"], rel=1e-6), pytest.approx(ppl["dense"][0]["mean"], rel=1e-6))
+    assert all(is_figure(f, n=2) for f in ppl["oracle_vs_dense"]["16"])
     dec = r["decode_perplexity"]
     assert dec["topk"] == 16 and dec["length"] == 32 and dec["rel_diff"] < 1e-4
 
@@ -90,16 +81,18 @@ def test_report_end_to_end(checkpoint, tmp_path):
     cells = [cell for grid in [pk["dense"], *pk["dsa"].values()] for row in grid for cell in row]
     assert all(is_figure(cell, n=1) and 0 <= cell["ci_low"] and cell["ci_high"] <= 1 for cell in cells)  # Wilson, one trial
     assert is_figure(pk["all_cells"]["dense"], n=2) and set(pk["all_cells"]["dsa"]) == {"16", "64"}
+    assert set(pk["oracle"]) == set(pk["all_cells"]["oracle"]) == {"16", "64"}
     gen = r["generations"]["samples"]
     assert len(gen) == 2 and all({"reference", "dense", "dsa", "messages"} <= set(s) for s in gen)
     assert re.search(r"[\u4e00-\u9fff]", gen[0]["messages"][-1]["content"])  # one Chinese, one English prompt
     sp = r["speed"]
     assert sp["lengths"] == [64] and sp["prefill_s"]["dense"][0] > 0 and sp["decode_ms_per_token"]["dsa"]["16"][0] > 0
+    assert "oracle" not in sp["prefill_s"]  # speed: dense and DSA only
     assert r["settings"]["sections"] == ["perplexity", "recall", "passkey", "generations", "speed"]
 
     report = (out / "report.md").read_text()
     assert report.index("## Summary") < report.index("## 1. Perplexity")
-    assert "DSA k=16" in report and r["meta"]["device"] in report and "skipped" not in report
+    assert "DSA k=16" in report and "oracle k=16" in report and r["meta"]["device"] in report and "skipped" not in report
     change = ppl["dsa_vs_dense"]["16"][-1]
     assert fmt_change(change).removesuffix("*") in report
     assert "the 95% interval of the difference excludes 0" in report
@@ -137,7 +130,8 @@ def test_only_and_skip_run_just_the_sections_asked(checkpoint, tmp_path, monkeyp
     monkeypatch.setattr(compare, "tqdm", RecordingBar)
     compare.main(["--model", str(checkpoint), "--output-dir", str(out), *FLAGS, "--only", "perplexity,passkey"])
     bar = RecordingBar.last  # one bar over the sections asked for, each named while it runs
-    assert bar.done == bar.total == (3 * 2 * 2 + 2) + 3 * 1 * 2 * 1  # perplexity (+ decode path) + passkey
+    sides = 1 + 2 + 2  # dense, DSA at k = 16, 64, the oracle at k = 16, 64
+    assert bar.done == bar.total == (sides * 2 * 2 + 2) + sides * 1 * 2 * 1  # perplexity (+ decode path) + passkey
     assert bar.descriptions == ["perplexity", "perplexity", "passkey"]
     r = json.loads((out / "results.json").read_text())
     assert {"perplexity", "decode_perplexity", "passkey"} <= set(r)
@@ -145,7 +139,7 @@ def test_only_and_skip_run_just_the_sections_asked(checkpoint, tmp_path, monkeyp
     assert r["settings"]["sections"] == ["perplexity", "passkey"]
     report = (out / "report.md").read_text()
     assert "Sections skipped in this run (--only / --skip): recall, generations, speed." in report
-    assert "## 1. Perplexity" in report and "## 2. Indexer recall" not in report and "## 5. Speed" not in report
+    assert "## 1. Perplexity" in report and "## 2. Indexer recall" not in report and "## 6. Speed" not in report
     assert sorted(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)) == ["passkey.png", "perplexity.png"]
 
     assert compare.parse_args(["--skip", "speed,generations"]).sections == ["perplexity", "recall", "passkey"]
@@ -155,7 +149,7 @@ def test_only_and_skip_run_just_the_sections_asked(checkpoint, tmp_path, monkeyp
 
 def test_bad_sections_are_one_argparse_error(capsys):
     for argv, named in (
-        (["--only", "perplexity,lm-eval"], "'lm-eval'"),
+        (["--only", "perplexity,lm-eval"], "--lm-eval TASKS"),  # the section needs its tasks
         (["--skip", "sped"], "'sped'"),
         (["--only", "speed", "--skip", "recall"], "not allowed with argument"),
         (["--skip", "perplexity,recall,passkey,generations,speed"], "leaves no section to run"),

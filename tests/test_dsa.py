@@ -46,8 +46,9 @@ def naive_rope(x: torch.Tensor, pos: int, rope_dim: int, theta: float) -> torch.
     return out
 
 
-def naive_layer(attn, x: torch.Tensor, topk: int | None):
-    """One DSA attention layer for a single sequence x: T, hidden. topk None = dense attention.
+def naive_layer(attn, x: torch.Tensor, topk: int | None, oracle: bool = False):
+    """One DSA attention layer for a single sequence x: T, hidden. topk None = dense attention. oracle: the top-k
+    keys by the dense attention summed over heads (normalized) instead of the index scores.
 
     Returns (output T x hidden, indexer KL averaged over queries with the target over the attended set).
     """
@@ -74,7 +75,11 @@ def naive_layer(attn, x: torch.Tensor, topk: int | None):
     for t in range(T):
         scores = [sum(w[t, j] * torch.relu(qi[t, j] @ ki[s]) for j in range(H_I)) for s in range(t + 1)]
         keys = list(range(t + 1))
-        if topk is not None:
+        if topk is not None and oracle:
+            heads = [torch.softmax(torch.stack([q[t, h] @ k[s, h // (Hq // Hkv)] for s in keys]) * D**-0.5, 0) for h in range(Hq)]
+            p = sum(heads) / Hq
+            keys = sorted(keys, key=lambda s: -float(p[s].detach()))[:topk]
+        elif topk is not None:
             # highest score first; exact ties (ReLU zeros) go to the most recent key
             keys = sorted(keys, key=lambda s: (-float(scores[s].detach()), -s))[:topk]
         head_outs, target = [], torch.zeros(len(keys))
@@ -107,6 +112,68 @@ def test_layer_matches_naive_formulas(mode, topk):
     torch.testing.assert_close(out[0], expected_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attn.indexer_loss, expected_kl, atol=1e-5, rtol=1e-5)
     assert attn.indexer_loss > 1e-3  # a random indexer is far from the attention
+
+
+@pytest.mark.parametrize("topk", [3, 64])
+def test_oracle_selection_matches_naive_formulas(topk):
+    _, model = dense_and_dsa(topk=topk)
+    attn = model.model.layers[0].self_attn
+    T = 12
+    x = torch.randn(1, T, 64, generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(T)[None]
+    cos, sin = model.model.rotary_emb(x, pos)
+    dsa.set_selection(model, "oracle")
+    with torch.no_grad():
+        out, _ = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None, position_ids=pos)
+        expected_out, _ = naive_layer(attn, x[0], topk, oracle=True)
+        indexer_out, _ = naive_layer(attn, x[0], topk)
+    torch.testing.assert_close(out[0], expected_out, atol=1e-5, rtol=1e-5)
+    if topk < T:  # the oracle picks other keys than the indexer
+        assert (expected_out - indexer_out).abs().max() > 1e-3
+
+
+def test_oracle_with_k_at_least_length_equals_dense_and_indexer_selection_is_restored():
+    base, model = dense_and_dsa(topk=32)
+    x = tokens(2, 32)
+    with torch.no_grad():
+        indexer = model(x).logits
+        dsa.set_selection(model, "oracle")
+        torch.testing.assert_close(model(x).logits, base(x).logits, atol=1e-5, rtol=0)
+        dsa.set_topk(model, 6)
+        oracle = model(x).logits
+        dsa.set_selection(model, "indexer")
+        dsa.set_topk(model, 32)
+        torch.testing.assert_close(model(x).logits, indexer, atol=0, rtol=0)
+    assert (oracle - indexer).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="'best'"):
+        dsa.set_selection(model, "best")
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_oracle_keys_carry_at_least_the_indexers_attention_mass(padded):
+    from dsa.core import dense_target, oracle_topk
+
+    g = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, T, D, H_I, d_I, topk = 2, 4, 2, 40, 16, 2, 8, 7
+    q, k = 3 * torch.randn(B, Hq, T, D, generator=g), 3 * torch.randn(B, Hkv, T, D, generator=g)
+    q_I, k_I, w_I = torch.randn(B, T, H_I, d_I, generator=g), torch.randn(B, T, d_I, generator=g), torch.randn(B, T, H_I, generator=g)
+    pos = torch.arange(T)
+    padding = None
+    if padded:
+        padding = torch.ones(B, T, dtype=torch.bool)
+        padding[0, :5] = False  # left padding of row 0
+    p = dense_target(q, k, dsa.core.allowed_keys(pos, padding, T), D**-0.5)  # B, T, S
+
+    def mass(selected, valid):
+        return (p.gather(-1, selected) * valid).sum(-1)
+
+    oracle = mass(*oracle_topk(q, k, pos, padding, topk, D**-0.5))
+    indexer = mass(*select_topk(q_I, k_I, w_I, pos, padding, topk))
+    rows = padding if padded else torch.ones(B, T, dtype=torch.bool)
+    assert (oracle[rows] >= indexer[rows] - 1e-6).all()
+    assert (oracle[rows] - indexer[rows]).max() > 0.05  # a random indexer misses mass the oracle keeps
+    short = torch.arange(T) < topk  # rows with at most k allowed keys: everything selected, mass 1
+    assert torch.allclose(oracle[:, short][rows[:, short]], torch.ones(()), atol=1e-6)
 
 
 def test_topk_at_least_length_equals_stock_qwen2_and_smaller_topk_differs():

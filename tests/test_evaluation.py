@@ -137,17 +137,22 @@ def test_indexer_recall_keeps_each_window():
 
 def test_sections_decide_progress_units_and_tokens():
     every = CompareSettings(lengths=[64, 128], topks=[16, 32], headline_topk=16, ppl_windows=3, recall_windows=2,
-                            passkey_depths=[0, 1], passkey_trials=5, speed_lengths=[256])  # fmt: skip
-    sides = 3
+                            passkey_depths=[0, 1], passkey_trials=5, speed_lengths=[256], lm_eval_tasks=["a", "b", "c"],
+                            lm_eval_lengths=[512])  # fmt: skip
+    sides = 3  # dense and DSA at k = 16, 32 (speed)
+    quality_sides = sides + 2  # and the oracle at k = 16, 32 (perplexity, passkey, lm-eval)
     units = section_units(every, n_prompts=4)
     assert units == {
-        "perplexity": sides * 2 * 3 + 2,
+        "perplexity": quality_sides * 2 * 3 + 2,
         "recall": 2,
-        "passkey": sides * 2 * 2 * 5,
+        "passkey": quality_sides * 2 * 2 * 5,
+        "lm-eval": quality_sides * 3 * 1,
         "generations": 2 * 4,
         "speed": sides * (1 + 1),
     }
     assert progress_total(every, 4) == sum(units.values())
+    no_oracle = CompareSettings(lengths=[64], topks=[16, 32], headline_topk=16, passkey_trials=5, passkey_depths=[0], oracle=False)
+    assert section_units(no_oracle, 0)["passkey"] == sides * 5 and "lm-eval" not in no_oracle.sections  # no tasks: no lm-eval
     assert tokens_needed(every) == (3 * 128, 256)
 
     some = CompareSettings(lengths=[64, 128], topks=[16, 32], headline_topk=16, ppl_windows=3, recall_windows=2,
@@ -157,8 +162,8 @@ def test_sections_decide_progress_units_and_tokens():
     assert tokens_needed(some) == (2 * 128, 256)
     only_passkey = CompareSettings(lengths=[64], topks=[16], headline_topk=16, sections=["passkey"])
     assert tokens_needed(only_passkey) == (0, 0)
-    for bad in (["lm-eval"], []):
-        with pytest.raises(ValueError, match="sections"):
+    for bad, message in ((["lm-eval"], "lm_eval_tasks"), (["nope"], "sections"), ([], "sections")):
+        with pytest.raises(ValueError, match=message):
             CompareSettings(lengths=[64], topks=[16], headline_topk=16, sections=bad)
 
 

@@ -1,0 +1,21 @@
+"""Fixtures shared by the compare.py and lm-eval tests."""
+
+import pytest
+import torch
+
+import dsa
+from dsa.presets import SAMPLES_DIR
+from dsa.tiny import build_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A random tiny DSA model (k = 16) and its tokenizer, saved like a training output."""
+    path = tmp_path_factory.mktemp("dsa_checkpoint")
+    tokenizer = build_tokenizer([SAMPLES_DIR / "sft_heldout.jsonl"], vocab_size=400)
+    torch.manual_seed(0)
+    base = tiny_model(tokenizer)
+    model = dsa.add_indexers(base, dsa.DSAConfig(index_n_heads=2, index_head_dim=16, index_rope_dim=8, index_topk=16))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
