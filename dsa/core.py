@@ -1,8 +1,9 @@
 """DeepSeek Sparse Attention for one attention layer, in plain PyTorch: the reference implementation.
 
 Read top to bottom: the lightning indexer (`LightningIndexer`, `index_scores`), the top-k selection
-(`select_topk`; `oracle_topk` for evaluation), the sparse attention (`sparse_attention`), the indexer's training signal (`attention_target`,
-`warmup_kl`, `sparse_kl`), and the layer's flow over query chunks (`dsa_attention`, `warmup_indexer_loss`).
+(`select_topk`; `oracle_topk` for evaluation), the sparse attention (`sparse_attention`), the indexer's
+training signal (`attention_target`, `warmup_kl`, `sparse_kl`), and the layer's flow over query chunks
+(`dsa_attention`, `warmup_indexer_loss`).
 docs/method.md states the method; this module imports nothing from transformers (the Qwen2 integration is
 dsa/modeling.py). Faster implementations of the same contracts are backends (dsa/backends.py), each tested
 equal to the `Backend` defined here.

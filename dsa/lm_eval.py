@@ -190,7 +190,8 @@ def sample_scores(samples: list[dict], length: int) -> tuple[list[float], bool]:
     samples = [s for s in samples if s.get("filter") == first_filter]
     metric = str(length) if str(length) in samples[0] else samples[0]["metrics"][0]
     scores = [float(s[metric]) for s in samples]
-    single_reference = all(len(s["doc"]["outputs"]) == 1 for s in samples if isinstance(s.get("doc"), dict) and isinstance(s["doc"].get("outputs"), list))
+    references = [s["doc"]["outputs"] for s in samples if isinstance(s.get("doc"), dict) and isinstance(s["doc"].get("outputs"), list)]
+    single_reference = all(len(outputs) == 1 for outputs in references)
     binary = single_reference and all(x in (0.0, 1.0) for x in scores)
     return scores, binary
 

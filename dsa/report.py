@@ -285,7 +285,8 @@ def summary_rows(r: dict, columns: list[tuple[str, str]]) -> list[list[str]]:
             L = lm["lengths"][j]
             rows.append([f"{task}, L={L}", fmt_figure(scores["dense"][j], 2)] + [side_figure(scores, g, k, j, digits=2) for g, k in columns])
             diffs = lm["vs_dense"][task]
-            rows.append([f"{task} vs dense, L={L} (paired)", "—"] + [fmt_change(diffs[g][k][j], " pts") if g in diffs else "—" for g, k in columns])
+            changes = [fmt_change(diffs[g][k][j], " pts") if g in diffs else "—" for g, k in columns]
+            rows.append([f"{task} vs dense, L={L} (paired)", "—"] + changes)
     if "speed" in r:
         sp = r["speed"]
         j = len(sp["lengths"]) - 1
