@@ -24,7 +24,7 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 from .data import PackedSFT, encode_conversation
 from .core import allowed_keys, attention_target, query_chunks, select_topk
 from .modeling import Qwen2DSAForCausalLM, dsa_cache, set_mode, set_selection, set_topk
-from .stats import mean_interval, paired_relative_difference, perplexity_interval, wilson_interval
+from .stats import mean_interval, paired_accuracy_difference, paired_relative_difference, perplexity_interval, wilson_interval
 
 
 @dataclass
@@ -612,11 +612,21 @@ def passkey_results(sides, tokenizer, s: CompareSettings, step) -> dict:
     }
 
 
+def paired_score_difference(scores: list[float], baseline: list[float]) -> dict | None:
+    """sparse - dense on the same samples: Newcombe's paired interval for 0/1 scores
+    (stats.paired_accuracy_difference), else the t interval of the per-sample differences."""
+    if not scores:
+        return None
+    if all(x in (0.0, 1.0) for x in scores + baseline):
+        return paired_accuracy_difference([int(x) for x in scores], [int(x) for x in baseline])
+    return mean_interval([a - b for a, b in zip(scores, baseline)])
+
+
 def lm_eval_results(sides, tokenizer, s: CompareSettings, step) -> dict:
     """The "lm_eval" entry: every task at every length for every side (dsa.lm_eval.LmEvalSuite, the same
     samples for every side). Per (task, side, length) the figure of the per-sample scores (Wilson interval
-    for 0/1 scores, else t interval); per sparse side the paired difference to dense: the t interval
-    (stats.mean_interval) of the per-sample differences sparse - dense, in score units (accuracy: a fraction).
+    for 0/1 scores, else t interval); per sparse side the paired difference to dense, sparse - dense per sample
+    (paired_score_difference), in score units (accuracy: a fraction).
     A task that could not be loaded at any length is left out of "scores" and named in "failed"."""
     from .lm_eval import LmEvalSuite  # lm-eval is imported only when the section runs (~5 s)
 
@@ -633,10 +643,7 @@ def lm_eval_results(sides, tokenizer, s: CompareSettings, step) -> dict:
         per_sample[task] = grouped({name: [run and run["scores"] for run in v[task]] for name, v in runs.items()})
         dense = runs["dense"][task]
         differences = {
-            name: [
-                mean_interval([a - b for a, b in zip(run["scores"], base["scores"])]) if run and base and base["scores"] else None
-                for run, base in zip(v[task], dense)
-            ]
+            name: [paired_score_difference(run["scores"], base["scores"]) if run and base else None for run, base in zip(v[task], dense)]
             for name, v in runs.items()
             if name != "dense"
         }

@@ -10,7 +10,7 @@ Two ways in:
   load, plus the model type "hf-dsa": HFLM with the model arguments dsa_mode (dense / sparse / warmup),
   dsa_topk and dsa_selection (indexer / oracle) applied after loading:
 
-      python -m dsa.lm_eval --model hf-dsa --model_args pretrained=CKPT,dsa_mode=sparse,dsa_topk=128 \\
+      python -m dsa.lm_eval run --model hf-dsa --model_args pretrained=CKPT,dsa_mode=sparse,dsa_topk=128 \\
           --tasks niah_single_1 --metadata '{"max_seq_lengths": [4096]}' --limit 20 --batch_size 1
 
 How the in-process runs are done:
@@ -358,7 +358,7 @@ class LmEvalSuite:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The lm-eval command line with dsa: `python -m dsa.lm_eval --model hf-dsa --model_args ...`
+# The lm-eval command line with dsa: `python -m dsa.lm_eval run --model hf-dsa --model_args ...`
 # ---------------------------------------------------------------------------------------------------
 
 

@@ -308,7 +308,8 @@ INTERVALS = (
     "Brackets: 95% intervals. Perplexity: exp of the t interval over windows of the per-window mean loss; DSA vs "
     "dense: per window DSA / dense − 1 on the same tokens (paired), t interval over windows; recall: t interval "
     "over every (window, layer) value; passkey and 0/1 benchmark scores: Wilson interval over the trials; benchmark "
-    "vs dense: per sample sparse − dense on the same samples (paired), t interval, in percentage points (pts). "
+    "vs dense: sparse − dense on the same samples (paired; Newcombe's interval for 0/1 scores, else t), in "
+    "percentage points (pts). "
     "No interval from a single window."
 )
 
@@ -467,7 +468,8 @@ def lm_eval_section(r: dict, plot: str | None) -> str:
         + (f", at most {lm['max_gen_toks']} generated tokens per sample" if lm["max_gen_toks"] else "")
         + ". Score per sample: RULER's string match (fraction of the reference answers found in the output), "
         "else the task's first metric; 0/1 scores get a Wilson interval, fractional ones a t interval. "
-        "Sparse vs dense: per sample sparse − dense, mean and t interval, in percentage points. " + MARK_LEGEND,
+        "Sparse vs dense, paired on the samples: sparse − dense in percentage points, with Newcombe's interval for "
+        "paired proportions (0/1 scores) or the t interval of the per-sample differences. " + MARK_LEGEND,
     ]
     for task, scores in lm["scores"].items():
         columns = quality_columns(scores)

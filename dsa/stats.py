@@ -1,6 +1,7 @@
 """Confidence intervals of compare.py's figures, in plain Python (no scipy).
 
-mean_interval, perplexity_interval, paired_relative_difference and wilson_interval return a *figure*:
+mean_interval, perplexity_interval, paired_relative_difference, wilson_interval and paired_accuracy_difference
+return a *figure*:
 {"mean": float, "ci_low": float | None, "ci_high": float | None, "n": int} (docs/results_schema.md); `level`
 is the two-sided coverage (0.95: a 95% interval). Intervals over windows are Student t intervals rather than a
 bootstrap: with the few windows a run affords (4-8), a bootstrap over windows has few distinct resamples and
@@ -112,6 +113,40 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> dict:
     low = 0.0 if successes == 0 else center - half
     high = 1.0 if successes == n else center + half
     return figure(p, low, high, n)
+
+
+def paired_accuracy_difference(outcomes, baseline, level: float = 0.95) -> dict:
+    """p1 - p2 for 0/1 outcomes of two sides on the same n samples, with Newcombe's interval for paired
+    proportions (Newcombe 1998, Statistics in Medicine 17:2635, method 10; Altman et al., "Statistics with
+    confidence", 2000). With a = both 1, b = outcomes 1 and baseline 0, c = outcomes 0 and baseline 1, d = both 0:
+    p1 = (a + b) / n, p2 = (a + c) / n, [l1, u1] and [l2, u2] their Wilson intervals, and
+    phi = C / sqrt((a+b)(c+d)(a+c)(b+d)) with C = ad - bc - n/2 if ad - bc > n/2, ad - bc if ad - bc < 0, else 0
+    (phi = 0 when the denominator is 0):
+      low  = (p1 - p2) - sqrt((p1 - l1)^2 - 2 phi (p1 - l1)(u2 - p2) + (u2 - p2)^2)
+      high = (p1 - p2) + sqrt((p2 - l2)^2 - 2 phi (p2 - l2)(u1 - p1) + (u1 - p1)^2)
+    Unlike a t interval over the per-sample differences, it is not empty when every pair agrees (20/20 on both
+    sides: [-0.16, +0.16]). ValueError for lists of different lengths, empty, or values other than 0 and 1.
+    """
+    pairs = list(zip(outcomes, baseline))
+    if len(pairs) != len(outcomes) or len(pairs) != len(baseline) or not pairs:
+        raise ValueError(f"paired outcomes need equal, non-zero lengths, got {len(outcomes)} and {len(baseline)}")
+    if any(x not in (0, 1) or y not in (0, 1) for x, y in pairs):
+        raise ValueError("paired_accuracy_difference needs 0/1 outcomes")
+    n = len(pairs)
+    a = sum(1 for x, y in pairs if x and y)
+    b = sum(1 for x, y in pairs if x and not y)
+    c = sum(1 for x, y in pairs if not x and y)
+    d = n - a - b - c
+    p1, p2 = (a + b) / n, (a + c) / n
+    w1, w2 = wilson_interval(a + b, n, level), wilson_interval(a + c, n, level)
+    l1, u1, l2, u2 = w1["ci_low"], w1["ci_high"], w2["ci_low"], w2["ci_high"]
+    cross = a * d - b * c
+    C = cross - n / 2 if cross > n / 2 else (cross if cross < 0 else 0.0)
+    denominator = (a + b) * (c + d) * (a + c) * (b + d)
+    phi = C / math.sqrt(denominator) if denominator else 0.0
+    low = p1 - p2 - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    high = p1 - p2 + math.sqrt(max((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2, 0.0))
+    return figure(p1 - p2, low, high, n)
 
 
 def excludes_zero(fig: dict | None) -> bool:

@@ -14,7 +14,7 @@ import compare
 import dsa
 import dsa.lm_eval as dsa_lm_eval
 from dsa.presets import SAMPLES_DIR
-from dsa.stats import mean_interval, wilson_interval
+from dsa.stats import mean_interval, paired_accuracy_difference, wilson_interval
 
 HELD_OUT = str(SAMPLES_DIR / "sft_heldout.jsonl")
 LENGTH = 512  # the shortest RULER length with room for niah's prompt, one needle and 128 answer tokens
@@ -60,9 +60,9 @@ def test_compare_scores_every_side_on_the_same_samples(checkpoint, tmp_path, mon
     for _, (figure,), (per_sample,) in sides:
         assert len(per_sample) == 2 and all(x in (0.0, 1.0) for x in per_sample)
         assert figure == wilson_interval(int(sum(per_sample)), 2)  # 0/1 scores: Wilson
-    for group in ("dsa", "oracle"):  # paired: per sample sparse - dense
-        differences = [a - b for a, b in zip(samples[group]["16"][0], samples["dense"][0])]
-        assert lm["vs_dense"]["niah_single_1"][group]["16"] == [mean_interval(differences)]
+    for group in ("dsa", "oracle"):  # paired on the samples: Newcombe's interval for 0/1 scores
+        sparse, dense = [int(x) for x in samples[group]["16"][0]], [int(x) for x in samples["dense"][0]]
+        assert lm["vs_dense"]["niah_single_1"][group]["16"] == [paired_accuracy_difference(sparse, dense)]
 
     report = (out / "report.md").read_text()
     assert "## 4. Standard benchmarks (lm-evaluation-harness)" in report and "![lm-eval scores](lm_eval.png)" in report
@@ -121,7 +121,7 @@ def test_command_line_runs_lm_eval_with_dsa(checkpoint, tmp_path):
     """`python -m dsa.lm_eval` is lm-eval's command line with the hf-dsa model type registered."""
     out = tmp_path / "cli"
     model_args = f"pretrained={checkpoint},dsa_mode=sparse,dsa_topk=16"
-    metadata = json.dumps({"max_seq_lengths": [LENGTH], "tokenizer": str(checkpoint)})
+    metadata = json.dumps({"max_seq_lengths": [LENGTH]})  # RULER takes its tokenizer from model_args' pretrained
     command = [sys.executable, "-m", "dsa.lm_eval", "run", "--model", "hf-dsa", "--model_args", model_args, "--tasks", "niah_single_1",
                "--metadata", metadata, "--limit", "1", "--batch_size", "1", "--device", "cpu", "--gen_kwargs", "max_gen_toks=4", "--output_path", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -8,6 +8,7 @@ import pytest
 from dsa.stats import (
     excludes_zero,
     mean_interval,
+    paired_accuracy_difference,
     paired_relative_difference,
     perplexity_interval,
     t_cdf_two_sided,
@@ -101,6 +102,23 @@ def test_wilson_interval_by_hand():
     for successes, n in ((11, 10), (-1, 10), (0, 0)):
         with pytest.raises(ValueError):
             wilson_interval(successes, n)
+
+
+def test_paired_accuracy_difference_by_hand():
+    # Wilson at n = 10 (test above): 7/10 -> [0.396778, 0.892208], 10/10 -> [0.722467, 1]
+    # every pair 1/1: phi = 0 (a margin is empty), [-(1 - 0.722467), +(1 - 0.722467)]: not empty, unlike a t interval
+    same = paired_accuracy_difference([1] * 10, [1] * 10)
+    assert same == pytest.approx({"mean": 0.0, "ci_low": -0.277533, "ci_high": 0.277533, "n": 10}, abs=2e-6)
+    # 7/10 vs 10/10 (a=7, c=3): low = -0.3 - (0.7 - 0.396778); high = -0.3 + sqrt(0.277533^2 + 0.192208^2) = -0.3 + 0.337592
+    worse = paired_accuracy_difference([1] * 7 + [0] * 3, [1] * 10)
+    assert worse == pytest.approx({"mean": -0.3, "ci_low": -0.603222, "ci_high": 0.037592, "n": 10}, abs=2e-5)
+    # a=6, b=1, c=1, d=2: ad - bc = 11 > n/2, C = 6, phi = 6 / sqrt(7*3*7*3) = 0.285714;
+    # half width sqrt(0.303222^2 - 2 * 0.285714 * 0.303222 * 0.192208 + 0.192208^2) = sqrt(0.0955836) = 0.309166
+    x, y = [1] * 6 + [1, 0] + [0, 0], [1] * 6 + [0, 1] + [0, 0]
+    assert paired_accuracy_difference(x, y) == pytest.approx({"mean": 0.0, "ci_low": -0.309166, "ci_high": 0.309166, "n": 10}, abs=2e-5)
+    for bad in (([1, 0], [1]), ([], []), ([1, 2], [1, 1])):
+        with pytest.raises(ValueError):
+            paired_accuracy_difference(*bad)
 
 
 def test_excludes_zero():
