@@ -15,8 +15,10 @@ Output directory:
   metrics.jsonl      one JSON object per optimizer step: step, loss, the loss_fn metrics, lr (first group;
                      lr_<name> for the other named groups), tokens_per_s (all processes)
   checkpoints/step-N accelerate state (model, optimizer, RNG, scheduler) + progress.json (step, data
-                     position), written to checkpoints/tmp-step-N and then renamed: a checkpoint directory
-                     is complete or absent. Only the latest is kept.
+                     position) + config.json and tokenizer files, written to checkpoints/tmp-step-N and then
+                     renamed: a checkpoint directory is complete or absent. It loads as a model too
+                     (`AutoModelForCausalLM.from_pretrained(".../step-N")`, weights in the training dtype), so
+                     compare.py can measure a run part-way. The latest --keep-checkpoints are kept (0: all).
   args.json, config.json, model.safetensors, tokenizer files: the final model (save_pretrained).
 `--resume` loads the latest checkpoint and skips the micro-batches already consumed, so a run killed after
 a checkpoint and restarted with the same flags plus --resume ends with the same weights as a run that
@@ -64,6 +66,7 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, help="k: keys attended per query by sparse attention")
     p.add_argument("--seed", type=int)
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (0: never)")
+    p.add_argument("--keep-checkpoints", type=int, default=1, help="how many of the latest checkpoints to keep (0: all)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     p.add_argument("--preset", choices=sorted(PRESETS), help="tiny: small offline model and bundled data")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layer activations in backward")
@@ -94,7 +97,7 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and not value > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ("save_every", "lr_warmup"):
+    for name in ("save_every", "lr_warmup", "keep_checkpoints"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
@@ -229,7 +232,8 @@ def run_training(
             progress.set_postfix(loss=f"{running:.4f}")
             progress.update(1)
         if args.save_every and step % args.save_every == 0:
-            save_checkpoint(accelerator, checkpoints, step, batches=step * args.grad_accum)
+            save_checkpoint(accelerator, checkpoints, step, batches=step * args.grad_accum, keep=args.keep_checkpoints,
+                            extras=(accelerator.unwrap_model(model).config, tokenizer))
     progress.close()
 
     accelerator.wait_for_everyone()
@@ -253,9 +257,11 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoints: Path, step: int, batches: int) -> None:
-    """accelerate state + progress.json (step, micro-batches consumed per process) into tmp-step-N, renamed
-    to step-N once complete; older ones removed."""
+def save_checkpoint(accelerator: Accelerator, checkpoints: Path, step: int, batches: int, keep: int = 1,
+                    extras: tuple = ()) -> None:
+    """accelerate state + progress.json (step, micro-batches consumed per process) + each of `extras` (objects
+    with save_pretrained: the model config, the tokenizer) into tmp-step-N, renamed to step-N once complete;
+    then all but the `keep` latest complete checkpoints are removed (keep 0: none)."""
     tmp, final = checkpoints / f"tmp-step-{step}", checkpoints / f"step-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -263,12 +269,14 @@ def save_checkpoint(accelerator: Accelerator, checkpoints: Path, step: int, batc
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for extra in extras:
+            extra.save_pretrained(tmp)
         (tmp / "progress.json").write_text(json.dumps({"step": step, "batches": batches}) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in checkpoints.glob("step-*"):
-            if old != final:
-                shutil.rmtree(old)
+        done = sorted(checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in done[:-keep] if keep else []:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 

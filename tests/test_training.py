@@ -138,6 +138,22 @@ def test_killed_run_resumes_to_the_same_weights(warmed, sparse_run, tmp_path):
     assert [row["loss"] for row in metrics(tmp_path)] == [row["loss"] for row in metrics(sparse_run)]
 
 
+def test_kept_checkpoints_load_as_models(warmed, tmp_path):
+    """--keep-checkpoints 0 keeps every checkpoint, each loadable by the Auto classes; the last equals the final model."""
+    flags = sparse_flags(warmed) + ["--max-steps", "4", "--save-every", "2", "--keep-checkpoints", "0"]
+    train.main(flags + ["--output-dir", str(tmp_path)])
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert steps == ["step-2", "step-4"]
+    final = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    last = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step-4")
+    assert type(last).__name__ == "Qwen2DSAForCausalLM"
+    for name, tensor in last.state_dict().items():
+        assert torch.equal(tensor, final[name]), name
+    middle = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step-2").state_dict()
+    assert any(not torch.equal(middle[name], final[name]) for name in final)
+    assert AutoTokenizer.from_pretrained(tmp_path / "checkpoints" / "step-2").eos_token == "<|im_end|>"
+
+
 RANK_WEIGHTS = """
 import sys
 import torch
@@ -191,6 +207,7 @@ def test_bad_input_gives_one_line_errors(base, warmed, tmp_path, capsys, monkeyp
     assert "missing.jsonl" in run_cli(warmup_train.main, TINY + out + ["--model", str(base), "--data", "missing.jsonl"], capsys)
     assert "--topk must be >= 1, got 0" in run_cli(warmup_train.main, out + ["--topk", "0"], capsys)
     assert "--topk must be >= 1, got -3" in run_cli(train.main, out + ["--topk", "-3"], capsys)
+    assert "--keep-checkpoints must be >= 0, got -1" in run_cli(train.main, out + ["--keep-checkpoints", "-1"], capsys)
     err = run_cli(train.main, TINY + out + ["--model", str(base)], capsys)
     assert "'qwen2' checkpoint, not 'qwen2_dsa': run warmup_train.py first" in err
     monkeypatch.setenv("MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS", "1")
