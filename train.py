@@ -31,7 +31,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel, set_seed
 
 import dsa
-from dsa.data import PackedSFT
+from dsa.data import training_windows
 from dsa.distill import distill_losses
 from dsa.errors import UsageError
 from dsa.sources import resolve_data
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
         loss_fn = partial(distill_loss, teacher=teacher, args=args, autocast=accelerator.autocast)
     lora = add_lora(model, args) if args.train_params == "lora" else None
     groups = param_groups(model, args)
-    loader = torch.utils.data.DataLoader(PackedSFT(paths, tokenizer, args.seq_len), batch_size=args.batch_size)
+    windows = training_windows(paths, tokenizer, args.seq_len, args.retrieval_share, args.retrieval_pairs, args.seed)
+    loader = torch.utils.data.DataLoader(windows, batch_size=args.batch_size)
     model = run_training(args, model, groups, loader, loss_fn, tokenizer, accelerator,
                          save_dtype=saved_dtype if lora is None else None)
     if lora is not None:  # replace the saved model (adapters unmerged, training dtype) by the merged plain checkpoint

@@ -4,6 +4,7 @@ KL(head-summed attention || softmax(index scores)). Base weights in the output a
 
     uv run python warmup_train.py --preset tiny                       # offline: tiny base model, bundled data
     uv run python warmup_train.py --model Qwen/Qwen2.5-0.5B --data deepctrl/deepctrl-sft-data
+    uv run python warmup_train.py --model runs/warmup --seq-len 8192 ...  # continue a warm-up (its indexers) at a new length
     accelerate launch --num_processes 8 warmup_train.py ...           # DDP on several GPUs
 """
 
@@ -12,7 +13,7 @@ from accelerate.utils import set_seed
 
 import dsa
 from dsa import tiny
-from dsa.data import PackedSFT
+from dsa.data import training_windows
 from dsa.errors import UsageError
 from dsa.sources import resolve_data
 from dsa.train_utils import cli, common_parser, load_model, parse_args, run_training
@@ -22,6 +23,20 @@ def warmup_loss(model, batch):
     """The indexer KL (mean over query tokens and layers); logits of the last position only (unused)."""
     out = model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1)
     return out.indexer_loss, {"kl": out.indexer_loss.item()}
+
+
+def check_indexer_sizes(dsa_config: dsa.DSAConfig, name: str):
+    """A check for load_model: a DSA checkpoint's indexer sizes must equal the flags' (its indexers continue)."""
+
+    def check(config) -> None:
+        if not isinstance(config, dsa.Qwen2DSAConfig):
+            return
+        for field in ("index_n_heads", "index_head_dim", "index_rope_dim"):
+            if getattr(config, field) != getattr(dsa_config, field):
+                flag = "--" + field.replace("_", "-")
+                raise UsageError(f"{flag} {getattr(dsa_config, field)} differs from {name}'s {field} = {getattr(config, field)}")
+
+    return check
 
 
 def main(argv: list[str] | None = None) -> torch.nn.Module:
@@ -38,20 +53,22 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     if args.model is None:  # only --preset tiny leaves it unset
         args.model = str(tiny.ensure_tiny_base())
     paths = resolve_data(args.data)
-    dense, tokenizer, saved_dtype = load_model(args.model)
-
-    try:
-        model = dsa.add_indexers(dense, dsa_config)
-    except TypeError as e:  # not a dense Qwen2 checkpoint
-        raise UsageError(f"{args.model}: {e}") from None
-    del dense  # add_indexers copied its weights: do not hold a second copy of the base model while training
+    model, tokenizer, saved_dtype = load_model(args.model, check=check_indexer_sizes(dsa_config, args.model))
+    if isinstance(model.config, dsa.Qwen2DSAConfig):  # a warm-up checkpoint: continue training its indexers
+        dsa.set_topk(model, dsa_config.index_topk)
+    else:
+        try:
+            model = dsa.add_indexers(model, dsa_config)  # copies the base weights: the dense model is dropped
+        except TypeError as e:  # not a dense Qwen2 checkpoint
+            raise UsageError(f"{args.model}: {e}") from None
     model.requires_grad_(False)
     indexer = [p for name, p in model.named_parameters() if ".indexer." in name]
     for p in indexer:
         p.requires_grad_(True)
     dsa.set_mode(model, "warmup")
 
-    loader = torch.utils.data.DataLoader(PackedSFT(paths, tokenizer, args.seq_len), batch_size=args.batch_size)
+    windows = training_windows(paths, tokenizer, args.seq_len, args.retrieval_share, args.retrieval_pairs, args.seed)
+    loader = torch.utils.data.DataLoader(windows, batch_size=args.batch_size)
     groups = [{"params": indexer, "lr": args.lr, "name": "indexer"}]
     return run_training(args, model, groups, loader, warmup_loss, tokenizer, save_dtype=saved_dtype)
 

@@ -20,9 +20,22 @@ positions 0..seq_len-1. Windows without any labelled token are dropped (their LM
 Several files are read round-robin, one line from each in turn. The stream starts over when every
 file is exhausted (epochs), so it never ends; the order is fixed, hence deterministic, and resuming
 skips a number of windows (`accelerate.skip_first_batches`).
+
+Synthetic retrieval windows (`RetrievalMix`, training flag --retrieval-share): packed conversations teach the
+indexer recency and attention sinks, rarely a lookup far back. A share of the windows is replaced by a
+key-value retrieval window built from the window itself (the project's own format, not a benchmark's):
+
+    <haystack ...> The access code of {key_1} is {value_1}. <haystack ...> The access code of {key_2} is ...
+    <haystack ...> What is the access code of {key_j}? The access code of {key_j} is {value_j}. (every key, shuffled)
+
+keys are random pseudo-words, values random 6-digit numbers, the needles at random places in the window's
+own tokens (cut to make room), the questions at the end; labels: the haystack's own, -100 on the needles
+and questions, the answer values labelled. Which windows are synthetic, and their keys, values and places
+come from a generator seeded by (seed, window index): the stream stays deterministic and resumable.
 """
 
 import json
+import random
 from collections.abc import Iterator
 from itertools import zip_longest
 from pathlib import Path
@@ -133,3 +146,65 @@ class PackedSFT(IterableDataset):
                         yield {"input_ids": torch.tensor(window_ids), "labels": torch.tensor(window_labels)}
             if not found:
                 raise UsageError(f"no valid conversation in {', '.join(map(str, self.paths))}")
+
+
+NEEDLE = " The access code of {key} is {value}. "
+QUESTION = " What is the access code of {key}? The access code of {key} is"
+ANSWER = " {value}."
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+class RetrievalMix(IterableDataset):
+    """The windows of `windows` (a PackedSFT), each replaced with probability `share` by a synthetic retrieval
+    window of the same length with `pairs` key-value needles (module docstring)."""
+
+    def __init__(self, windows: PackedSFT, share: float, pairs: int = 4, seed: int = 0):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"the retrieval share must be in [0, 1], got {share}")
+        if pairs < 1:
+            raise ValueError(f"the number of retrieval pairs must be >= 1, got {pairs}")
+        self.windows, self.share, self.pairs, self.seed = windows, share, pairs, seed
+
+    @property
+    def skipped(self) -> int:
+        return self.windows.skipped
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for index, window in enumerate(self.windows):
+            rng = random.Random(f"{self.seed}:{index}")
+            if rng.random() < self.share:
+                window = self.retrieval_window(window["input_ids"].tolist(), window["labels"].tolist(), rng)
+            yield window
+
+    def retrieval_window(self, ids: list[int], labels: list[int], rng: random.Random) -> dict[str, torch.Tensor]:
+        encode = lambda text: self.windows.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        keys = rng.sample(sorted({"".join(rng.choices(SYLLABLES, k=3)) for _ in range(4 * self.pairs)}), self.pairs)
+        values = [rng.randrange(100_000, 1_000_000) for _ in keys]
+        needles = [encode(NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)]
+        tail_ids, tail_labels = [], []
+        for j in rng.sample(range(self.pairs), self.pairs):
+            question, answer = encode(QUESTION.format(key=keys[j])), encode(ANSWER.format(value=values[j]))
+            tail_ids += question + answer
+            tail_labels += [IGNORE_INDEX] * len(question) + answer
+        room = len(ids) - len(tail_ids) - sum(map(len, needles))
+        if room < self.pairs:
+            raise UsageError(f"--seq-len {len(ids)} is too short for {self.pairs} retrieval pairs")
+        cuts = sorted(rng.sample(range(room), self.pairs))  # needle j goes before haystack token cuts[j]
+        out_ids, out_labels, start = [], [], 0
+        for cut, needle in zip(cuts, needles):
+            out_ids += ids[start:cut] + needle
+            out_labels += labels[start:cut] + [IGNORE_INDEX] * len(needle)
+            start = cut
+        out_ids += ids[start:room] + tail_ids
+        out_labels += labels[start:room] + tail_labels
+        return {"input_ids": torch.tensor(out_ids), "labels": torch.tensor(out_labels)}
+
+
+def training_windows(paths: list[Path], tokenizer, seq_len: int, retrieval_share: float = 0.0, retrieval_pairs: int = 4,
+                     seed: int = 0) -> IterableDataset:
+    """The training stream of the warm-up and sparse stages: PackedSFT windows, with a share of synthetic retrieval
+    windows when retrieval_share > 0."""
+    windows = PackedSFT(paths, tokenizer, seq_len)
+    if retrieval_share == 0:
+        return windows
+    return RetrievalMix(windows, retrieval_share, retrieval_pairs, seed)

@@ -20,6 +20,10 @@ Output directory:
                      (`AutoModelForCausalLM.from_pretrained(".../step-N")`, weights in the training dtype), so
                      compare.py can measure a run part-way. The latest --keep-checkpoints are kept (0: all).
   args.json, config.json, model.safetensors, tokenizer files: the final model (save_pretrained).
+  runs/<name>/       TensorBoard event files with --report-to tensorboard (`tensorboard --logdir <output-dir>/runs`;
+                     <name> is the output directory's name, also the wandb project with --report-to wandb): the
+                     same per-step values as metrics.jsonl (every key but "step", at that step), and the flags as
+                     hyperparameters. A resumed run hides the earlier run's events after its checkpoint (purge_step).
 `--resume` loads the latest checkpoint and skips the micro-batches already consumed, so a run killed after
 a checkpoint and restarted with the same flags plus --resume ends with the same weights as a run that
 was never interrupted.
@@ -45,6 +49,7 @@ from .errors import UsageError
 from .presets import PRESETS, stage_values
 from .sources import resolve_model
 
+TRACKERS = ("tensorboard", "wandb")  # --report-to: accelerate trackers written beside metrics.jsonl
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -59,6 +64,9 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="final model, metrics.jsonl and checkpoints/ go here")
     p.add_argument("--max-steps", type=int, help="optimizer steps")
     p.add_argument("--seq-len", type=int, help="tokens per packed training window")
+    p.add_argument("--retrieval-share", type=float, default=0.0,
+                   help="share of windows replaced by synthetic key-value retrieval windows (dsa/data.py), 0..1")
+    p.add_argument("--retrieval-pairs", type=int, default=4, help="key-value needles per synthetic retrieval window")
     p.add_argument("--batch-size", type=int, help="windows per micro-batch and process")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, help="peak learning rate")
@@ -71,6 +79,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), help="tiny: small offline model and bundled data")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layer activations in backward")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (faster where the CPU has bf16 units)")
+    p.add_argument("--report-to", default="none",
+                   help="also log the metrics to tensorboard (<output-dir>/runs), wandb, or none; comma-separated")
     return p
 
 
@@ -88,7 +98,7 @@ def parse_args(parser: argparse.ArgumentParser, stage: str, argv: list[str] | No
 
 def check_args(args: argparse.Namespace) -> None:
     """A UsageError naming the first impossible value."""
-    positive = ["max_steps", "seq_len", "batch_size", "grad_accum"]
+    positive = ["max_steps", "seq_len", "batch_size", "grad_accum", "retrieval_pairs"]
     for name in positive + ["topk", "index_n_heads", "index_head_dim"]:
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -97,9 +107,27 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and not value > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if not 0.0 <= args.retrieval_share <= 1.0:
+        raise UsageError(f"--retrieval-share must be in [0, 1], got {args.retrieval_share}")
     for name in ("save_every", "lr_warmup", "keep_checkpoints"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    report_trackers(getattr(args, "report_to", "none"))
+
+
+def report_trackers(report_to: str) -> list[str]:
+    """The tracker names of --report-to ("none" and repeats dropped), or a UsageError for an unknown name or for
+    wandb when it cannot be imported."""
+    names = list(dict.fromkeys(name.strip() for name in report_to.split(",") if name.strip() not in ("", "none")))
+    for name in names:
+        if name not in TRACKERS:
+            raise UsageError(f"--report-to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}, none")
+    if "wandb" in names:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UsageError("--report-to wandb: wandb is not installed (pip install wandb)") from None
+    return names
 
 
 def cli(main: Callable[[], object]) -> None:
@@ -114,16 +142,19 @@ def cli(main: Callable[[], object]) -> None:
 # ----------------------------------------------------------------------------- models
 
 
-def load_model(name: str, require: type | None = None, hint: str = "") -> tuple[torch.nn.Module, object, torch.dtype]:
+def load_model(name: str, require: type | None = None, hint: str = "", check: Callable | None = None,
+               ) -> tuple[torch.nn.Module, object, torch.dtype]:
     """(model in fp32 for training, its tokenizer, the dtype the checkpoint was saved in).
 
-    require: a config class the checkpoint must have (checked before the weights are read), else a
-    UsageError ending with `hint`."""
+    require: a config class the checkpoint must have, else a UsageError ending with `hint`; check(config): raises
+    a UsageError on a config the caller cannot use. Both run before the weights are read."""
     path = resolve_model(name)
     try:
         config = AutoConfig.from_pretrained(path)
         if require is not None and not isinstance(config, require):
             raise UsageError(f"{name} is a {config.model_type!r} checkpoint, not {require.model_type!r}{hint}")
+        if check is not None:
+            check(config)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -139,13 +170,16 @@ def load_model(name: str, require: type | None = None, hint: str = "") -> tuple[
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
     """bf16 autocast on CUDA (and on CPU with --bf16), fp32 elsewhere; CPU also when ACCELERATE_USE_CPU is set
-    (`accelerate launch --cpu`). The scheduler is stepped by hand, once per optimizer step.
-    (No PartialState() before this: it would fix the distributed state before the CPU flag is read.)"""
+    (`accelerate launch --cpu`). The scheduler is stepped by hand, once per optimizer step. The --report-to
+    trackers log under <output-dir>/runs. (No PartialState() before this: it would fix the distributed state
+    before the CPU flag is read.)"""
     on_cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
     return Accelerator(
         mixed_precision="bf16" if on_cuda or getattr(args, "bf16", False) else "no",
         gradient_accumulation_steps=args.grad_accum,
         step_scheduler_with_optimizer=False,
+        log_with=report_trackers(getattr(args, "report_to", "none")) or None,
+        project_dir=str(Path(args.output_dir) / "runs"),
     )
 
 
@@ -197,6 +231,9 @@ def run_training(
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
         truncate_metrics(out / "metrics.jsonl", step)
     accelerator.wait_for_everyone()
+    hyperparameters = {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in vars(args).items()}
+    resumed = {"tensorboard": {"purge_step": step + 1}} if latest is not None else {}  # hide the old run's later steps
+    accelerator.init_trackers(out.resolve().name, config=hyperparameters, init_kwargs=resumed)
 
     progress = tqdm(total=args.max_steps, initial=step, disable=not main, desc=out.name, dynamic_ncols=True)
     sums, micro, tokens, running, t0 = {}, 0, 0, None, time.perf_counter()
@@ -228,6 +265,7 @@ def run_training(
         if main:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
             running = row["loss"] if running is None else 0.9 * running + 0.1 * row["loss"]
             progress.set_postfix(loss=f"{running:.4f}")
             progress.update(1)
@@ -235,6 +273,8 @@ def run_training(
             save_checkpoint(accelerator, checkpoints, step, batches=step * args.grad_accum, keep=args.keep_checkpoints,
                             extras=(accelerator.unwrap_model(model).config, tokenizer))
     progress.close()
+    for tracker in accelerator.trackers:  # not accelerator.end_training(): it would also end the process group,
+        tracker.finish()  # which the final save below and a caller's later stages (pipeline, tests) still use
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)

@@ -1,11 +1,14 @@
 """dsa.data: deepctrl records -> chat messages -> labelled token ids -> packed windows."""
 
 import copy
+import itertools
 import json
+import re
 
 import pytest
+import torch
 
-from dsa.data import IGNORE_INDEX, PackedSFT, encode_conversation, parse_line, record_to_messages
+from dsa.data import IGNORE_INDEX, PackedSFT, encode_conversation, parse_line, record_to_messages, training_windows
 from dsa.errors import UsageError
 from dsa.presets import SAMPLES_DIR
 from dsa.sources import resolve_data
@@ -154,3 +157,59 @@ def test_files_are_interleaved_line_by_line(tokenizer, tmp_path):
     b = write_lines(tmp_path / "b.jsonl", [json.dumps(record(input="b0", output="y"))])
     order = [m[0]["content"] for m in PackedSFT([a, b], tokenizer, 8).conversations()]
     assert order == ["a0", "b0", "a1", "a2"]
+
+
+def retrieval_stream(tokenizer, share: float, seq_len: int = 256, pairs: int = 3):
+    paths = resolve_data(f"{SAMPLES_DIR / 'sft_sample_en.jsonl'},{SAMPLES_DIR / 'sft_sample_zh.jsonl'}")
+    return training_windows(paths, tokenizer, seq_len, retrieval_share=share, retrieval_pairs=pairs, seed=7)
+
+
+def take(stream, n):
+    return [window for _, window in zip(range(n), stream)]
+
+
+def test_retrieval_windows_hold_every_needle_and_answer_it_at_the_end(tokenizer):
+    plain = take(retrieval_stream(tokenizer, 0.0), 6)
+    synthetic = take(retrieval_stream(tokenizer, 1.0), 6)
+    for haystack, window in zip(plain, synthetic):
+        ids, labels = window["input_ids"], window["labels"]
+        assert ids.shape == labels.shape == (256,)
+        text = tokenizer.decode(ids)
+        needles = re.findall(r"(?<!\? )The access code of (\w+) is (\d{6})\. ", text)
+        questions = re.findall(r"What is the access code of (\w+)\? The access code of \1 is (\d{6})\.", text)
+        assert len(needles) == 3 and len({key for key, _ in needles}) == 3
+        assert sorted(questions) == sorted(needles)  # each key asked once, answered with its own value
+        assert text.index("What is the access code") > max(text.index(f"code of {key} is") for key, _ in needles)
+        labelled = labels != IGNORE_INDEX
+        assert torch.equal(labels[labelled], ids[labelled])  # a label is its own token
+        answers = "".join(f" {value}." for _, value in questions)  # in the order asked
+        assert tokenizer.decode(ids[labelled]).endswith(answers)  # the answer values are labelled
+        rest = ids.tolist()  # without the needles and the questions: the start of the window's own tokens
+        encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+        tail = sum(len(encode(f" What is the access code of {k}? The access code of {k} is")) + len(encode(f" {v}."))
+                   for k, v in questions)
+        rest = rest[:-tail]
+        for key, value in needles:
+            needle = encode(f" The access code of {key} is {value}. ")
+            at = next(i for i in range(len(rest)) if rest[i : i + len(needle)] == needle)
+            rest = rest[:at] + rest[at + len(needle) :]
+        assert rest == haystack["input_ids"].tolist()[: len(rest)]
+
+
+def test_retrieval_share_is_deterministic_per_window_and_resumes(tokenizer):
+    first, second = take(retrieval_stream(tokenizer, 0.5), 20), take(retrieval_stream(tokenizer, 0.5), 20)
+    plain = take(retrieval_stream(tokenizer, 0.0), 20)
+    for a, b in zip(first, second):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    replaced = [not torch.equal(a["input_ids"], p["input_ids"]) for a, p in zip(first, plain)]
+    assert 3 <= sum(replaced) <= 17  # about half, decided per window
+    resumed = take(itertools.islice(retrieval_stream(tokenizer, 0.5), 8, None), 12)  # what skip_first_batches sees
+    for a, b in zip(first[8:], resumed):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_retrieval_bad_values(tokenizer):
+    with pytest.raises(ValueError, match="share must be in \\[0, 1\\], got 1.5"):
+        retrieval_stream(tokenizer, 1.5)
+    with pytest.raises(UsageError, match="--seq-len 32 is too short for 3 retrieval pairs"):
+        take(retrieval_stream(tokenizer, 1.0, seq_len=32), 1)

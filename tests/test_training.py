@@ -94,6 +94,18 @@ def test_warmup_kl_falls(warmed):
     assert last < 0.7 * first, (first, last)
 
 
+def test_warmup_continues_from_a_warmup_checkpoint_with_retrieval_windows(warmed, tmp_path):
+    """A DSA checkpoint as --model: its indexers train on (here, longer) windows, half of them synthetic retrieval
+    windows; the base stays bit-identical and the new k is recorded."""
+    warmup_train.main(TINY + ["--model", str(warmed), "--output-dir", str(tmp_path), "--max-steps", "3", "--seq-len", "256",
+                              "--topk", "32", "--retrieval-share", "0.5", "--retrieval-pairs", "2"])
+    before, after = weights(warmed), weights(tmp_path)
+    assert set(after) == set(before)
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor) != (".indexer." in name), name
+    assert json.loads((tmp_path / "config.json").read_text())["index_topk"] == 32
+
+
 def test_sparse_stage_trains_base_and_indexers(warmed, sparse_run):
     before, after = weights(warmed), weights(sparse_run)
     assert any(".indexer." in name for name in after) and set(after) <= set(before)
@@ -208,6 +220,9 @@ def test_bad_input_gives_one_line_errors(base, warmed, tmp_path, capsys, monkeyp
     assert "--topk must be >= 1, got 0" in run_cli(warmup_train.main, out + ["--topk", "0"], capsys)
     assert "--topk must be >= 1, got -3" in run_cli(train.main, out + ["--topk", "-3"], capsys)
     assert "--keep-checkpoints must be >= 0, got -1" in run_cli(train.main, out + ["--keep-checkpoints", "-1"], capsys)
+    assert "--retrieval-share must be in [0, 1], got 2.0" in run_cli(warmup_train.main, out + ["--retrieval-share", "2"], capsys)
+    err = run_cli(warmup_train.main, TINY + out + ["--model", str(warmed), "--index-n-heads", "3"], capsys)
+    assert "--index-n-heads 3 differs from" in err and "index_n_heads = 2" in err
     err = run_cli(train.main, TINY + out + ["--model", str(base)], capsys)
     assert "'qwen2' checkpoint, not 'qwen2_dsa': run warmup_train.py first" in err
     monkeypatch.setenv("MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS", "1")
