@@ -1,0 +1,95 @@
+"""The DSA-vs-dense perplexity gap against training tokens, one line per recipe: a table and a plot from
+compare.py results (each point one compare.py output directory: `--only perplexity,recall` of one checkpoint).
+
+    uv run python scripts/gap_curve.py --length 4096 --png docs/gap_curve.png \
+        --point "1K warm-up:204800:runs/r21/eval_base1k" \
+        --point "1K then 4K:303104:runs/r21/eval_cont4k_12" ...
+
+A point is RECIPE:TOKENS:DIR, TOKENS the training tokens the checkpoint has seen (warm-up and later stages
+together). The gap is compare.py's paired per-window perplexity ratio DSA / dense - 1 with its 95% interval
+(dsa/stats.py); recall is the indexer's recall of the true top-k attention at the largest length measured.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def parse_point(text: str) -> tuple[str, int, Path]:
+    recipe, tokens, directory = text.rsplit(":", 2)
+    return recipe, int(tokens), Path(directory)
+
+
+def read_point(recipe: str, tokens: int, directory: Path, length: int) -> list[dict]:
+    """One row per k: recipe, tokens, k, L/k, gap {mean, ci_low, ci_high, n}, recall {..} or None."""
+    results = json.loads((directory / "results.json").read_text())
+    ppl, recall = results["perplexity"], results.get("recall") or {}
+    if length not in ppl["lengths"]:
+        raise ValueError(f"{directory}: no perplexity at length {length} (has {ppl['lengths']})")
+    at = ppl["lengths"].index(length)
+    rows = []
+    for k, gaps in sorted(ppl["dsa_vs_dense"].items(), key=lambda item: int(item[0])):
+        rec = recall.get("mean", {}).get(k, {}).get("indexer") if recall.get("length") == length else None
+        rows.append({"recipe": recipe, "tokens": tokens, "k": int(k), "L/k": length // int(k), "gap": gaps[at], "recall": rec})
+    return rows
+
+
+def percent(x: dict) -> str:
+    star = "*" if x["ci_low"] > 0 or x["ci_high"] < 0 else ""
+    return f"{100 * x['mean']:+.1f}% [{100 * x['ci_low']:+.1f}, {100 * x['ci_high']:+.1f}]{star}"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| recipe | tokens | k | L/k | gap vs dense | indexer recall |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        rec = "" if r["recall"] is None else f"{r['recall']['mean']:.3f} [{r['recall']['ci_low']:.3f}, {r['recall']['ci_high']:.3f}]"
+        lines.append(f"| {r['recipe']} | {r['tokens']:,} | {r['k']} | {r['L/k']} | {percent(r['gap'])} | {rec} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], length: int, png: Path) -> None:
+    ks = sorted({r["k"] for r in rows})
+    fig, axes = plt.subplots(1, len(ks), figsize=(4.5 * len(ks), 3.6), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        for recipe in dict.fromkeys(r["recipe"] for r in rows):
+            points = sorted((r["tokens"], r["gap"]) for r in rows if r["k"] == k and r["recipe"] == recipe)
+            x = [t for t, _ in points]
+            y = [100 * g["mean"] for _, g in points]
+            err = [[100 * (g["mean"] - g["ci_low"]) for _, g in points], [100 * (g["ci_high"] - g["mean"]) for _, g in points]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=recipe)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axhline(3, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"L = {length}, k = {k} (L/k = {length // k})")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("perplexity gap vs dense (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--point", action="append", required=True, help="RECIPE:TOKENS:DIR (repeat)")
+    parser.add_argument("--length", type=int, default=4096, help="sequence length of the gap")
+    parser.add_argument("--png", type=Path, required=True)
+    args = parser.parse_args(argv)
+    rows = []
+    for text in args.point:
+        try:
+            recipe, tokens, directory = parse_point(text)
+            rows += read_point(recipe, tokens, directory, args.length)
+        except (ValueError, OSError, KeyError) as e:
+            sys.exit(f"error: --point {text!r}: {e}")
+    print(table(rows))
+    plot(rows, args.length, args.png)
+
+
+if __name__ == "__main__":
+    main()
