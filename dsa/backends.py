@@ -29,6 +29,8 @@ from .core import CHUNK_ELEMENTS, Backend, valid_slots
 from .kernels import cpu_attention
 from .kernels.torch_paths import (
     Scratch,
+    SparseAttention,
+    SparseKL,
     WarmupLoss,
     dense_attention,
     masked_dense_attention,
@@ -40,21 +42,25 @@ from .kernels.torch_paths import (
 TILE_ELEMENTS = 1 << 19  # CPU: index logits in key tiles of at most this many (query x head x key) elements
 QUERY_BLOCK = 32  # queries per block in sparse_attention_blocks
 MASKED_DENSE_KEYS = 5  # a chunk with at most this many times K keys takes masked_dense_attention
+TRAIN_BLOCK_ELEMENTS = 1 << 20  # training: gathered (query x key x feature) numbers per block of SparseAttention / SparseKL
 
 
 class TorchBackend(Backend):
     """The PyTorch paths: reused buffers, tiled index scores, top-k by blocks, a dense shortcut, the selected keys
-    attended by masked dense attention (few keys) or by `sparse_attention_blocks`, and the fused warm-up loss.
+    attended by masked dense attention (few keys) or by `sparse_attention_blocks` (`SparseAttention` in training),
+    the sparse-stage KL with its own backward (`SparseKL`), and the fused warm-up loss.
     The constructor's arguments are tuning constants (tests shrink them to reach every path at small sizes)."""
 
     name = "torch"
     dense_shortcut = True
 
     def __init__(self, chunk_elements: int = CHUNK_ELEMENTS, tile_elements: int = TILE_ELEMENTS, query_block: int = QUERY_BLOCK,
-                 masked_dense_keys: int = MASKED_DENSE_KEYS, topk_block: int | None = None):  # fmt: skip
+                 masked_dense_keys: int = MASKED_DENSE_KEYS, topk_block: int | None = None,
+                 train_block_elements: int = TRAIN_BLOCK_ELEMENTS):  # fmt: skip
         super().__init__(chunk_elements)
         self.tile_elements, self.query_block, self.masked_dense_keys = tile_elements, query_block, masked_dense_keys
         self.topk_block = topk_block  # keys per group in topk_by_blocks; None: by row length
+        self.train_block_elements = train_block_elements
 
     def workspace(self) -> Scratch:
         return Scratch()
@@ -79,6 +85,14 @@ class TorchBackend(Backend):
     def sparse(self, q, k, v, selected, valid, scaling, work):
         return sparse_attention_blocks(q, k, v, selected, valid, scaling, work, self.query_block)
 
+    def attend_trainable(self, q, k, v, selected, valid, scaling, work):
+        if k.shape[2] <= self.masked_dense_keys * selected.shape[-1]:
+            return super().attend_trainable(q, k, v, selected, valid, scaling, work)
+        return SparseAttention.apply(q, k, v, selected, valid, scaling, self.train_block_elements)
+
+    def sparse_kl(self, q, k, q_I, k_I, w_I, selected, valid, scaling):
+        return SparseKL.apply(q_I, k_I, w_I, q, k, selected, valid, scaling, self.train_block_elements)
+
     def dense(self, q, k, v, allowed, scaling):
         return dense_attention(q, k, v, allowed, scaling)
 
@@ -93,6 +107,8 @@ class CpuBackend(TorchBackend):
     name = "cpu"
 
     def scores(self, q_I, k_I, w_I, query_pos, key_padding, work):
+        if torch.promote_types(q_I.dtype, k_I.dtype) == torch.float32:  # the dtype index_scores_tiled computes in
+            q_I, k_I = q_I.float(), k_I.float()  # (bf16 q_I under autocast, fp32 k_I from k_norm)
         if not (cpu_attention.takes(q_I, q_I.shape[-1]) and k_I.dtype == torch.float32):
             return super().scores(q_I, k_I, w_I, query_pos, key_padding, work)
         B, T, S = q_I.shape[0], q_I.shape[1], k_I.shape[1]

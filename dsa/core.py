@@ -120,8 +120,13 @@ def index_scores(q_I: torch.Tensor, k_I: torch.Tensor, w_I: torch.Tensor) -> tor
 def selected_index_scores(q_I, k_I, w_I, selected: torch.Tensor) -> torch.Tensor:
     """`index_scores` at each query's selected keys only: selected B, T, K  ->  B, T, K (fp32)."""
     batch = torch.arange(k_I.shape[0], device=k_I.device)[:, None, None]
+    return gathered_index_scores(q_I, k_I[batch, selected], w_I)
+
+
+def gathered_index_scores(q_I, k_sel: torch.Tensor, w_I) -> torch.Tensor:
+    """`index_scores` of each query at its own keys: k_sel B, T, K, d_I  ->  B, T, K (fp32)."""
     with torch.autocast(q_I.device.type, enabled=False):
-        logits = torch.einsum("bthd,btkd->bthk", q_I, k_I[batch, selected].to(q_I.dtype))  # B, T, H_I, K
+        logits = torch.einsum("bthd,btkd->bthk", q_I, k_sel.to(q_I.dtype))  # B, T, H_I, K
         return torch.einsum("bthk,bth->btk", F.relu(logits).float(), w_I.float())
 
 
@@ -340,6 +345,15 @@ class Backend:
     def attend(self, q, k, v, selected, valid, scaling: float, work) -> torch.Tensor:
         return sparse_attention(q, k, v, selected, valid, scaling)
 
+    def attend_trainable(self, q, k, v, selected, valid, scaling: float, work) -> torch.Tensor:
+        """`attend` with autograd on, keeping O(L * k) per layer for backward: here the chunk is recomputed in
+        backward (`maybe_checkpoint`)."""
+        return maybe_checkpoint(self.attend, q, k, v, selected, valid, scaling, work)
+
+    def sparse_kl(self, q, k, q_I, k_I, w_I, selected, valid, scaling: float) -> torch.Tensor:
+        """`sparse_kl` of a chunk (B, T), recomputed in backward (`maybe_checkpoint`)."""
+        return maybe_checkpoint(sparse_kl, q, k, q_I, k_I, w_I, selected, valid, scaling)
+
     def dense(self, q, k, v, allowed, scaling: float) -> torch.Tensor:
         raise NotImplementedError("the reference backend has no dense shortcut")
 
@@ -382,9 +396,10 @@ def dsa_attention(
                 selected, valid = oracle_topk(q_c, k_c, pos, padding, topk, scaling)  # B, C, K
             else:
                 selected, valid = backend.select(q_I_c, k_I_c, w_I_c, pos, padding, topk, work)  # B, C, K
-            outs.append(maybe_checkpoint(backend.attend, q_c, k_c, v_c, selected, valid, scaling, work))
+            attend = backend.attend_trainable if torch.is_grad_enabled() else backend.attend
+            outs.append(attend(q_c, k_c, v_c, selected, valid, scaling, work))
             if training:
-                kl = maybe_checkpoint(sparse_kl, q_c.detach(), k_c.detach(), q_I_c, k_I_c, w_I_c, selected, valid, scaling)
+                kl = backend.sparse_kl(q_c.detach(), k_c.detach(), q_I_c, k_I_c, w_I_c, selected, valid, scaling)
         if training:
             counted = query_rows(pos, key_padding)  # B|1, C
             kl_sum, n_rows = kl_sum + (kl * counted).sum(), n_rows + counted.sum()

@@ -11,9 +11,11 @@ import torch
 
 import dsa
 from dsa.backends import BACKENDS, CpuBackend, TorchBackend, available_backends, resolve
-from dsa.core import Backend, break_zero_ties, index_scores, select_topk, sparse_attention
+from dsa.core import Backend, break_zero_ties, index_scores, select_topk, sparse_attention, sparse_kl
 from dsa.kernels.torch_paths import (
     Scratch,
+    SparseAttention,
+    SparseKL,
     dense_attention,
     index_scores_tiled,
     masked_dense_attention,
@@ -28,8 +30,10 @@ FAST = [name for name in available_backends() if name not in ("auto", "reference
 
 def small(name: str, **tuning) -> Backend:
     """Backend `name` with tuning constants that tiny shapes exercise: chunks of 4 queries at 30 keys, index logits
-    in tiles of 7 keys, blocks of 3 queries, masked dense attention up to 2 K keys, top-k by groups of 2."""
-    values = dict(chunk_elements=30 * 4, tile_elements=4 * 2 * 7, query_block=3, masked_dense_keys=2, topk_block=2) | tuning
+    in tiles of 7 keys, blocks of 3 queries, masked dense attention up to 2 K keys, top-k by groups of 2, training
+    blocks of 2 queries (SparseAttention at K = 6, head_dim 8) and 1 query (SparseKL, 2 KV heads)."""
+    values = dict(chunk_elements=30 * 4, tile_elements=4 * 2 * 7, query_block=3, masked_dense_keys=2, topk_block=2,
+                  train_block_elements=2 * 6 * 8) | tuning  # fmt: skip
     return BACKENDS[name](**values)
 
 
@@ -43,7 +47,7 @@ def grads(out: torch.Tensor, *inputs: torch.Tensor) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attend", ["blocks", "masked_dense"])
+@pytest.mark.parametrize("attend", ["blocks", "masked_dense", "trainable"])
 @pytest.mark.parametrize("T,S,K", [(7, 20, 5), (1, 20, 5), (12, 12, 4)])
 def test_sparse_attention_paths_equal_reference_with_gradients(T, S, K, attend):
     q, k, v, _, selected, valid = random_selection(T=T, S=S, K=K)
@@ -51,11 +55,51 @@ def test_sparse_attention_paths_equal_reference_with_gradients(T, S, K, attend):
     ref = sparse_attention(q, k, v, selected, valid, 0.3)
     if attend == "blocks":
         out = sparse_attention_blocks(q, k, v, selected, valid, 0.3, None, query_block=3)
+    elif attend == "trainable":
+        out = SparseAttention.apply(q, k, v, selected, valid, 0.3, 3 * K * 8)  # blocks of 3 queries
     else:
         out = masked_dense_attention(q, k, v, selected, valid, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads(out, q, k, v), grads(ref, q, k, v)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def indexer_inputs(B: int, T: int, S: int, seed: int = 7):
+    """q_I (B, T, 3, 8), k_I (B, S, 8), w_I (B, T, 3) with grad, scaled so that the KL is far from 0."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((B, T, 3, 8), (B, S, 8), (B, T, 3))
+    return [(2 * torch.randn(shape, generator=g)).requires_grad_() for shape in shapes]
+
+
+@pytest.mark.parametrize("block_elements", [1, 2**40])  # a query per block; one block
+def test_sparse_kl_with_its_own_backward_equals_reference(block_elements):
+    q, k, _, _, selected, valid = random_selection(T=7, S=20, K=5)
+    q_I, k_I, w_I = indexer_inputs(2, 7, 20)
+    ref = sparse_kl(q.detach(), k.detach(), q_I, k_I, w_I, selected, valid, 0.3)
+    out = SparseKL.apply(q_I, k_I, w_I, q.detach(), k.detach(), selected, valid, 0.3, block_elements)
+    assert (ref > 1e-3).any() and (ref[~valid.any(-1)] == 0).all()  # real KLs, and rows without a valid key
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads(out, q_I, k_I, w_I), grads(ref, q_I, k_I, w_I)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_training_paths_under_bf16_autocast_stay_close_to_reference():
+    """Under bf16 autocast, SparseAttention and SparseKL round like the reference (bf16 matmuls, fp32 softmax): outputs
+    and gradients agree to bf16 precision."""
+    q, k, v, _, selected, valid = random_selection(T=7, S=20, K=5)
+    q_I, k_I, w_I = indexer_inputs(2, 7, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pairs = [
+            (SparseAttention.apply(q, k, v, selected, valid, 0.3, 3 * 5 * 8), sparse_attention(q, k, v, selected, valid, 0.3), (q, k, v)),
+            (SparseKL.apply(q_I, k_I, w_I, q.detach(), k.detach(), selected, valid, 0.3, 5 * 8),
+             sparse_kl(q.detach(), k.detach(), q_I, k_I, w_I, selected, valid, 0.3), (q_I, k_I, w_I)),
+        ]  # fmt: skip
+    for out, ref, inputs in pairs:
+        assert out.dtype == ref.dtype
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        for a, b in zip(grads(out.float(), *inputs), grads(ref.float(), *inputs)):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
 
 
 def test_blocked_attention_reuses_one_key_buffer_without_autograd():
@@ -133,6 +177,24 @@ def test_selection_selects_what_the_reference_selects(name, T, S):
     assert (~ref_valid).any() and ref_valid.any()
     valid_keys = lambda i, v: i.masked_fill(~v, -1).sort(-1).values  # noqa: E731  (-1: an invalid slot)
     assert torch.equal(valid_keys(selected, valid), valid_keys(ref_selected, ref_valid))
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="the C++ kernels do not build here")
+def test_cpu_selection_takes_bf16_indexer_queries_as_the_torch_path_does():
+    """Under bf16 autocast q_I is bf16 and k_I fp32: the torch path scores in fp32 (their promoted dtype); the cpu
+    backend casts q_I to fp32 for its kernel and selects the same keys."""
+    g = torch.Generator().manual_seed(11)
+    B, T, S, H, d, K = 2, 9, 70, 3, 8, 6
+    q_I, k_I, w_I = torch.randn(B, T, H, d, generator=g).bfloat16(), torch.randn(B, S, d, generator=g), torch.randn(B, T, H, generator=g)
+    padding = torch.ones(B, S, dtype=torch.bool)
+    padding[1, :10] = False
+    query_pos = torch.arange(S - T, S)
+    picks = []
+    for name in ("torch", "cpu"):
+        backend = small(name, tile_elements=T * H * 16)
+        selected, valid = backend.select(q_I, k_I, w_I, query_pos, padding, K, backend.workspace())
+        picks.append(selected.masked_fill(~valid, -1).sort(-1).values)
+    assert torch.equal(*picks)
 
 
 def test_scratch_reuses_its_buffer_until_a_chunk_needs_more():

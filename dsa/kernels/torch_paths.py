@@ -5,17 +5,32 @@
   attention   `sparse_attention_blocks` (index_select + embedding_bag: no gathered values),
               `masked_dense_attention` (SDPA under a mask of the selected keys, for chunks with few keys),
               `dense_attention` (SDPA, for chunks whose every allowed key is selected)
+  training    `SparseAttention` (the sparse attention's own backward: nothing recomputed but the gathers),
+              `SparseKL` (the sparse-stage indexer KL, its target computed once)
   warm-up     `WarmupLoss` (the loss with its gradient computed chunk by chunk in the forward pass)
 
 docs/performance.md and bench/results/README.md give the measurements behind each one and its constants.
 """
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from ..core import NEG, allowed_keys, dense_target, kl_rows, masked_log_softmax, query_chunks, query_rows, recency_nudge
+from ..core import (
+    NEG,
+    allowed_keys,
+    attention_target,
+    dense_target,
+    gathered_index_scores,
+    grouped_logits,
+    kl_rows,
+    masked_log_softmax,
+    query_chunks,
+    query_rows,
+    recency_nudge,
+)
 
 
 class Scratch:
@@ -181,6 +196,163 @@ def masked_dense_attention(q, k, v, selected, valid, scaling: float) -> torch.Te
     B, T, _ = selected.shape
     mask = torch.zeros(B, T, k.shape[2], dtype=torch.bool, device=q.device).scatter_(-1, selected, valid)
     return dense_attention(q, k, v, mask, scaling)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: the sparse attention and the sparse-stage indexer KL with their own backward
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def compute_dtype(device: torch.device, *dtypes: torch.dtype) -> torch.dtype:
+    """The dtype of the matmuls on inputs of `dtypes`: autocast's where it is on (as the reference's matmuls run),
+    else their common one."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+class SparseAttention(torch.autograd.Function):
+    """`core.sparse_attention` (same contract) for training. The forward keeps for backward only its inputs, the
+    output O and each row's log-sum-exp; the backward gathers the selected keys and values again, per batch row, KV
+    head and block of queries (at most `block_elements` gathered numbers per block), and, with
+    l[t, h, j] = q_h[t] . k[sel[t, j]] * scaling over the valid slots j and P = exp(l - lse) = softmax_j(l):
+
+        dv[s]    += sum_{t, h, j: sel[t, j] = s} P[t, h, j] dO_h[t]
+        dl       = P * (dO_h[t] . v[sel[t, j]] - dO_h[t] . O_h[t])
+        dq_h[t]  = scaling * sum_j dl[t, h, j] k[sel[t, j]],    dk[s] += scaling * sum_{t, h, j: sel[t, j] = s} dl[t, h, j] q_h[t]
+
+    Nothing is recomputed but the gathers and l (the reference, checkpointed, runs its forward twice). Matmuls in
+    `compute_dtype` (bf16 under bf16 autocast, as the reference's), softmax and gradient sums in fp32."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, selected, valid, scaling: float, block_elements: int):
+        B, Hq, T, D = q.shape
+        Hkv, K = k.shape[1], selected.shape[-1]
+        G = Hq // Hkv
+        dtype = compute_dtype(q.device, q.dtype, k.dtype, v.dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            qs = q.to(dtype).view(B, Hkv, G, T, D).transpose(2, 3)  # B, Hkv, T, G, D
+            ks, vs = per_head_contiguous(k.to(dtype)), per_head_contiguous(v.to(dtype))
+            out = q.new_empty(B, T, Hkv, G, D, dtype=dtype)
+            lse = q.new_empty(B, Hkv, T, G, dtype=torch.float32)
+            for b in range(B):
+                for rows in query_chunks(T, K * D, block_elements):  # C queries: C * K * D gathered
+                    idx, mask = selected[b, rows].reshape(-1), valid[b, rows, None, :]  # C * K; C, 1, K
+                    C = rows.stop - rows.start
+                    for h in range(Hkv):
+                        k_sel = torch.index_select(ks[b, h], 0, idx).view(C, K, D)
+                        logits = torch.matmul(qs[b, h, rows], k_sel.transpose(1, 2)).float().mul_(scaling).masked_fill_(~mask, NEG)
+                        row_lse = torch.logsumexp(logits, dim=-1)  # C, G
+                        probs = logits.sub_(row_lse[..., None]).exp_().mul_(mask)  # a row with no valid slot: zeros
+                        v_sel = torch.index_select(vs[b, h], 0, idx).view(C, K, D)
+                        out[b, rows, h] = torch.matmul(probs.to(dtype), v_sel)
+                        lse[b, h, rows] = row_lse
+        ctx.save_for_backward(q, k, v, selected, valid, out, lse)
+        ctx.scaling, ctx.block_elements, ctx.dtype = scaling, block_elements, dtype
+        return out.view(B, T, Hq, D)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, selected, valid, out, lse = ctx.saved_tensors
+        scaling, dtype = ctx.scaling, ctx.dtype
+        B, Hq, T, D = q.shape
+        Hkv, K = k.shape[1], selected.shape[-1]
+        G = Hq // Hkv
+        with torch.autocast(q.device.type, enabled=False):
+            qs = q.to(dtype).view(B, Hkv, G, T, D).transpose(2, 3)  # B, Hkv, T, G, D
+            ks, vs = per_head_contiguous(k.to(dtype)), per_head_contiguous(v.to(dtype))
+            d_out = d_out.view(B, T, Hkv, G, D)
+            delta = (d_out.float() * out.float()).sum(dim=-1)  # B, T, Hkv, G: dO_h[t] . O_h[t]
+            d_out = d_out.to(dtype)
+            dq = torch.empty(B, T, Hkv, G, D, dtype=torch.float32, device=q.device)
+            dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+            dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+            for b in range(B):
+                for rows in query_chunks(T, K * D, ctx.block_elements):
+                    idx, mask = selected[b, rows].reshape(-1), valid[b, rows, None, :]
+                    C = rows.stop - rows.start
+                    for h in range(Hkv):
+                        k_sel = torch.index_select(ks[b, h], 0, idx).view(C, K, D)
+                        v_sel = torch.index_select(vs[b, h], 0, idx).view(C, K, D)
+                        q_h, d_o = qs[b, h, rows], d_out[b, rows, h]  # C, G, D
+                        logits = torch.matmul(q_h, k_sel.transpose(1, 2)).float().mul_(scaling).masked_fill_(~mask, NEG)
+                        probs = logits.sub_(lse[b, h, rows, :, None]).exp_().mul_(mask)  # C, G, K
+                        d_logits = torch.matmul(d_o, v_sel.transpose(1, 2)).float().sub_(delta[b, rows, h, :, None]).mul_(probs)
+                        d_logits = d_logits.mul_(scaling)  # C, G, K
+                        dq[b, rows, h] = torch.matmul(d_logits.to(dtype), k_sel)
+                        # the key and value gradients in fp32 (sums over G = Hq / Hkv heads: few products, no big casts)
+                        dk[b, h].index_add_(0, idx, torch.matmul(d_logits.transpose(1, 2), q_h.float()).view(C * K, D))
+                        dv[b, h].index_add_(0, idx, torch.matmul(probs.transpose(1, 2), d_o.float()).view(C * K, D))
+        dq = dq.view(B, T, Hq, D).transpose(1, 2).to(q.dtype)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[n, idx[n, ...]] for each n: x: N, S, F; idx: N, ...  ->  N, ..., F. One index_select per n (a row copy per
+    index), which is several times faster on CPU than the advanced indexing x[arange(N)[:, None], idx]."""
+    N, F = x.shape[0], x.shape[-1]
+    out = x.new_empty(N, idx[0].numel(), F)
+    for n in range(N):
+        torch.index_select(x[n], 0, idx[n].reshape(-1), out=out[n])
+    return out.view(*idx.shape, F)
+
+
+class SparseKL(torch.autograd.Function):
+    """`core.sparse_kl` (same contract: the KL of each query row over its selected keys, B, T) with its target
+    computed once, query block by query block (at most `block_elements` gathered numbers per block). Forward: the
+    target p (from q and k as the reference computes it: fp32 inputs, matmul in autocast's dtype where it is on), the
+    index scores I at the selected keys, KL_t, and d = softmax(I[t]) - p over the valid slots, saved (B, T, K fp32).
+    Backward, with g[t] the gradient of KL_t and the indexer logits l[t, h, j] = q_I[t, h] . k_I[sel[t, j]]
+    recomputed (the reference recomputes the target too), in fp32:
+
+        dI[t, j]     = g[t] * d[t, j]
+        dw[t, h]     = sum_j dI[t, j] * relu(l[t, h, j]),        dl[t, h, j] = dI[t, j] * w[t, h] * [l[t, h, j] > 0]
+        dq_I[t, h]   = sum_j dl[t, h, j] * k_I[sel[t, j]],      dk_I[s] = sum_{t, h, j: sel[t, j] = s} dl[t, h, j] * q_I[t, h]
+    """
+
+    @staticmethod
+    def forward(ctx, q_I, k_I, w_I, q, k, selected, valid, scaling: float, block_elements: int):
+        B, Hq, T, D = q.shape
+        Hkv, K = k.shape[1], selected.shape[-1]
+        dtype = compute_dtype(q.device, torch.float32)  # the reference's target: fp32 q and k, under the caller's autocast
+        heads = per_head_contiguous(k.to(dtype)).reshape(B * Hkv, -1, D)
+        k_Ic = k_I.to(q_I.dtype)  # what gathered_index_scores casts the keys to
+        target = torch.empty(B, T, K, dtype=torch.float32, device=q.device)
+        scores = torch.empty(B, T, K, dtype=torch.float32, device=q.device)
+        for rows in query_chunks(T, Hkv * K * D, block_elements):
+            sel = selected[:, rows]
+            C = rows.stop - rows.start
+            k_sel = gather_rows(heads, sel[:, None].expand(B, Hkv, C, K).reshape(B * Hkv, C, K)).view(B, Hkv, C, K, D)
+            logits = grouped_logits(q[:, :, rows].to(dtype), k_sel, scaling)  # B, Hkv, C, G, K
+            target[:, rows] = attention_target(logits.permute(0, 1, 3, 2, 4).reshape(B, Hq, C, K), valid[:, rows])
+            scores[:, rows] = gathered_index_scores(q_I[:, rows], gather_rows(k_Ic, sel), w_I[:, rows])
+        log_q = masked_log_softmax(scores, valid)
+        ctx.save_for_backward(q_I, k_I, w_I, selected, log_q.exp() * valid - target)
+        ctx.block_elements = block_elements
+        return kl_rows(target, log_q)
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        q_I, k_I, w_I, selected, d = ctx.saved_tensors
+        B, T, H, d_I = q_I.shape
+        K = selected.shape[-1]
+        d_q = torch.empty(B, T, H, d_I, dtype=torch.float32, device=q_I.device)
+        d_w = torch.empty(B, T, H, dtype=torch.float32, device=q_I.device)
+        d_k = torch.zeros(k_I.shape, dtype=torch.float32, device=k_I.device)
+        k_Ic = k_I.to(q_I.dtype)  # the keys as the forward's logits read them
+        with torch.autocast(q_I.device.type, enabled=False):
+            for rows in query_chunks(T, K * d_I, ctx.block_elements):
+                sel, q_r = selected[:, rows], q_I[:, rows]
+                k_sel = gather_rows(k_Ic, sel)  # B, C, K, d_I
+                logits = torch.einsum("bthd,btkd->bthk", q_r, k_sel)  # as the forward computed them
+                d_scores = grad_kl[:, rows, None] * d[:, rows]  # B, C, K
+                d_w[:, rows] = torch.einsum("btk,bthk->bth", d_scores, F.relu(logits).float())
+                d_logits = d_scores[:, :, None] * w_I[:, rows].float()[..., None] * (logits > 0)  # B, C, H_I, K
+                d_q[:, rows] = torch.einsum("bthk,btkd->bthd", d_logits, k_sel.float())
+                d_k_sel = torch.einsum("bthk,bthd->btkd", d_logits, q_r.float())  # B, C, K, d_I
+                for b in range(B):
+                    d_k[b].index_add_(0, sel[b].reshape(-1), d_k_sel[b].reshape(-1, d_I))
+        return d_q.to(q_I.dtype), d_k.to(k_I.dtype), d_w.to(w_I.dtype), None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
