@@ -89,6 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lm-eval-max-gen-toks", type=int, help="cap on tokens generated per lm-eval sample (default: the task's own)")
     p.add_argument("--speed-lengths", type=int_list, help="default: --lengths")
     p.add_argument("--speed-repeats", type=int, default=1, help="timed runs per length, after one warm-up")
+    p.add_argument("--decode-length", type=int, help="tokens of the decode-path perplexity check (token by token through the cache; default: the smallest length; 0: skip it)")
     p.add_argument("--speed-decode-tokens", type=int, default=8, help="decode steps timed per run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bf16 on cuda, fp32 on cpu")
@@ -122,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("ppl_windows", "recall_windows", "passkey_trials", "max_new_tokens", "speed_repeats", "speed_decode_tokens", "lm_eval_limit"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.decode_length is not None and args.decode_length < 0:
+        raise UsageError(f"--decode-length must be >= 0, got {args.decode_length}")
     if args.generations < 0 or args.skip_conversations < 0:
         raise UsageError("--generations and --skip-conversations must be >= 0")
     if args.lm_eval_max_gen_toks is not None and args.lm_eval_max_gen_toks < 1:
@@ -185,6 +188,7 @@ def main(argv=None) -> None:
         speed_lengths=args.speed_lengths,
         speed_repeats=args.speed_repeats,
         speed_decode_tokens=args.speed_decode_tokens,
+        decode_length=args.decode_length,
         lm_eval_tasks=args.lm_eval,
         lm_eval_lengths=args.lm_eval_lengths,
         lm_eval_limit=args.lm_eval_limit,

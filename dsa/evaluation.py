@@ -439,7 +439,7 @@ class CompareSettings:
     passkey_lengths: list[int] | None = None  # default: lengths
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     passkey_trials: int = 10
-    decode_length: int | None = None  # default: the smallest length
+    decode_length: int | None = None  # the decode-path check's window (None: the smallest length; 0: no check)
     max_new_tokens: int = 64
     speed_lengths: list[int] | None = None  # default: lengths
     speed_repeats: int = 1
@@ -466,7 +466,8 @@ class CompareSettings:
         self.lm_eval_lengths = self.lm_eval_lengths or list(self.lengths)
         self.recall_length = self.recall_length or max(self.lengths)
         self.passkey_lengths = self.passkey_lengths or list(self.lengths)
-        self.decode_length = self.decode_length or min(self.lengths)
+        if self.decode_length is None:
+            self.decode_length = min(self.lengths)
         self.speed_lengths = self.speed_lengths or list(self.lengths)
 
 
@@ -475,7 +476,7 @@ def section_units(s: CompareSettings, n_prompts: int) -> dict[str, int]:
     sides = 1 + len(s.topks)  # dense and DSA at each k
     quality_sides = sides + (len(s.topks) if s.oracle else 0)  # and the oracle at each k
     units = {
-        "perplexity": quality_sides * len(s.lengths) * s.ppl_windows + 2,  # + decode-path check: prefill and token by token
+        "perplexity": quality_sides * len(s.lengths) * s.ppl_windows + (2 if s.decode_length else 0),  # + decode-path check
         "recall": s.recall_windows,
         "passkey": quality_sides * len(s.passkey_lengths) * len(s.passkey_depths) * s.passkey_trials,
         "lm-eval": quality_sides * len(s.lm_eval_tasks) * len(s.lm_eval_lengths),  # one lm-eval run each
@@ -540,7 +541,9 @@ def perplexity_results(sides, headline: Variant, tokens: list[int], s: CompareSe
         }
     }
 
-    # decode path at one length, headline k
+    if not s.decode_length:
+        return results
+    # decode path at one length, headline k: prefill and token by token
     model = headline.activate()
     ids = token_windows(tokens, s.decode_length, 1)[0]
     prefill = perplexity([prefill_nll(model, ids)])

@@ -142,6 +142,14 @@ def test_only_and_skip_run_just_the_sections_asked(checkpoint, tmp_path, monkeyp
     assert "## 1. Perplexity" in report and "## 2. Indexer recall" not in report and "## 6. Speed" not in report
     assert sorted(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)) == ["passkey.png", "perplexity.png"]
 
+    no_decode = tmp_path / "no_decode"  # --decode-length 0: the perplexity section without the decode-path check
+    compare.main(["--model", str(checkpoint), "--output-dir", str(no_decode), *FLAGS, "--only", "perplexity",
+                  "--decode-length", "0", "--no-oracle"])
+    bar = RecordingBar.last
+    assert bar.done == bar.total == 3 * 2 * 2
+    r = json.loads((no_decode / "results.json").read_text())
+    assert "perplexity" in r and "decode_perplexity" not in r
+
     assert compare.parse_args(["--skip", "speed,generations"]).sections == ["perplexity", "recall", "passkey"]
     assert compare.parse_args(["--only", "speed,recall"]).sections == ["recall", "speed"]
     assert compare.parse_args([]).sections == ["perplexity", "recall", "passkey", "generations", "speed"]
@@ -172,6 +180,7 @@ def test_missing_model_is_one_line_error(tmp_path, capsys):
 def test_bad_flags_are_one_line_errors(checkpoint, tmp_path, capsys):
     for flags, named in (
         (["--topk", "0,16"], "--topk"),
+        (["--decode-length", "-1"], "--decode-length must be >= 0, got -1"),
         (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
         (["--lengths", "1000000"], "1000000"),  # more tokens than the held-out data has
     ):
