@@ -20,6 +20,7 @@ them alike), with one AdamW over every parameter (a step updates only the parame
 stage's own optimizer would). --model: a dense Qwen2 checkpoint (indexers added, random: timing does not depend
 on their weights; sizes --index-n-heads/--index-head-dim/--index-rope-dim) or a DSA checkpoint (its indexers);
 default the tiny preset's model shape (dsa.tiny, random weights, 2048-token vocabulary), so it runs offline.
+--layers N keeps only the first N decoder layers (a long length of a big model may not fit in memory otherwise).
 k: --topk, default L / 8 at each length. --bf16: bf16 autocast around the forward, as accelerate's --bf16.
 
 Per length and kind: the wall-clock times of --repeats steps after --warmup-runs untimed ones, their median and
@@ -92,16 +93,19 @@ def device_name(device: torch.device) -> str:
     return f"CPU {model}, {os.cpu_count()} cores"
 
 
-def load(path: str | None, dsa_config: dsa.DSAConfig) -> torch.nn.Module:
+def load(path: str | None, dsa_config: dsa.DSAConfig, layers: int | None = None) -> torch.nn.Module:
     """A DSA model in fp32: the tiny preset's shape with random weights (path None), a DSA checkpoint as it is, or a
-    dense Qwen2 checkpoint with fresh indexers."""
+    dense Qwen2 checkpoint with fresh indexers; only its first `layers` decoder layers if given."""
     torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=2048, **tiny.TINY_MODEL) if path is None else AutoConfig.from_pretrained(path)
+    if layers:
+        config.num_hidden_layers, config.layer_types = layers, config.layer_types[:layers]
     if path is None:
-        dense = Qwen2ForCausalLM(Qwen2Config(vocab_size=2048, **tiny.TINY_MODEL))
-    elif isinstance(AutoConfig.from_pretrained(path), dsa.Qwen2DSAConfig):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        dense = Qwen2ForCausalLM(config)
+    elif isinstance(config, dsa.Qwen2DSAConfig):
+        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
     else:
-        dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        dense = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
     return dsa.add_indexers(dense, dsa_config)
 
 
@@ -201,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kinds", type=lambda text: text.split(","), default=names, help=f"step kinds: {','.join(names)}")
     parser.add_argument("--backend", default="auto", help="the DSA backend (dsa.available_backends())")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--layers", type=int, help="keep only the first N decoder layers (to fit long lengths in memory)")
     parser.add_argument("--profile", type=int, metavar="ROWS", help="print the top ROWS operators of one step per kind instead")
     parser.add_argument("--index-n-heads", type=int, help="indexer heads for a dense --model (default 4; tiny: 2)")
     parser.add_argument("--index-head-dim", type=int, help="indexer head size (default 64; tiny: 32)")
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = dsa.DSAConfig(2, 32, 16, 64) if args.model is None else dsa.DSAConfig(4, 64, 32, 512)
     sizes = dsa.DSAConfig(args.index_n_heads or sizes.index_n_heads, args.index_head_dim or sizes.index_head_dim,
                           args.index_rope_dim or sizes.index_rope_dim, sizes.index_topk)  # fmt: skip
-    model = load(args.model, sizes).to(device).train()
+    model = load(args.model, sizes, args.layers).to(device).train()
     dsa.set_backend(model, args.backend)
     steps = [(kind, kind.make_loss(model)) for kind in STEP_KINDS if kind.name in args.kinds]
     if args.profile:
@@ -230,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bf16": args.bf16,
         "backend": args.backend,
         "model": args.model or "tiny (dsa.tiny.TINY_MODEL, random weights, vocab 2048)",
+        "parameters": sum(p.numel() for p in model.parameters()),
         "shapes": {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": config.num_attention_heads,
                    "kv_heads": config.num_key_value_heads, "vocab": config.vocab_size, "index_n_heads": config.index_n_heads,
                    "index_head_dim": config.index_head_dim, "index_rope_dim": config.index_rope_dim},  # k: per result

@@ -10,12 +10,13 @@ from bench import train_step
 
 def test_train_step_bench_writes_every_kind_with_timings_and_ratios(tmp_path):
     out = tmp_path / "train_step.json"
-    report = train_step.main(["--out", str(out), "--lengths", "48,64", "--repeats", "3", "--warmup-runs", "1", "--topk", "8"])
+    flags = ["--out", str(out), "--lengths", "48,64", "--repeats", "3", "--warmup-runs", "1", "--topk", "8", "--layers", "2"]
+    report = train_step.main(flags)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    for key in ("command", "device", "threads", "bf16", "backend", "model", "shapes", "repeats", "warmup_runs", "torch",
-                "commit", "started", "peak_rss_mib"):  # fmt: skip
+    for key in ("command", "device", "threads", "bf16", "backend", "model", "parameters", "shapes", "repeats", "warmup_runs",
+                "torch", "commit", "started", "peak_rss_mib"):  # fmt: skip
         assert key in report, key
-    assert report["device"].startswith(("CPU ", "NVIDIA", "AMD")) and report["repeats"] == 3
+    assert report["device"].startswith(("CPU ", "NVIDIA", "AMD")) and report["repeats"] == 3 and report["shapes"]["layers"] == 2
     kinds = [kind.name for kind in train_step.STEP_KINDS]
     assert kinds[0] == "dense_ft" and {"warmup", "sparse", "distill"} <= set(kinds)
     results = report["results"]

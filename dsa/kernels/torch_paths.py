@@ -362,7 +362,8 @@ class SparseKL(torch.autograd.Function):
 
 class WarmupLoss(torch.autograd.Function):
     """`core.warmup_indexer_loss` with its gradient computed in the forward pass, chunk by chunk, while the chunk's
-    attention target is at hand (the reference recomputes every chunk, target included, in backward). Saved for
+    attention target is at hand (the reference recomputes every chunk, target included, in backward), each chunk over
+    the keys up to its last query only (the reference scores every key, the later ones all masked). Saved for
     backward: only the gradients of q_I, k_I and w_I. With loss = sum_t c_t KL_t / n (c_t: the row counts, n: their
     number), l = q_I . k_I the indexer logits and I the index scores:
 
@@ -378,13 +379,14 @@ class WarmupLoss(torch.autograd.Function):
         grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need else None for x, need in zip((q_I, k_I, w_I), wanted)]
         counted = query_rows(query_pos, key_padding)  # B|1, T
         n_rows = counted.sum().clamp_min(1)
-        S, loss = k.shape[2], q_I.new_zeros((), dtype=torch.float32)
+        S, T, loss = k.shape[2], len(query_pos), q_I.new_zeros((), dtype=torch.float32)
         w_I = w_I.float()
-        for rows in query_chunks(len(query_pos), S, chunk_elements):
-            allowed = allowed_keys(query_pos[rows], key_padding, S)  # B|1, C, S
-            target = dense_target(q[:, :, rows], k, allowed, scaling)  # B, C, S
+        for rows in query_chunks(T, S, chunk_elements):
+            keys = slice(0, S - T + rows.stop)  # the later keys are allowed to none of the chunk's queries: all terms 0
+            allowed = allowed_keys(query_pos[rows], key_padding, keys.stop)  # B|1, C, S'
+            target = dense_target(q[:, :, rows], k[:, :, keys], allowed, scaling)  # B, C, S'
             with torch.autocast(q_I.device.type, enabled=False):
-                logits = torch.einsum("bthd,bsd->bths", q_I[:, rows], k_I.to(q_I.dtype))  # B, C, H_I, S
+                logits = torch.einsum("bthd,bsd->bths", q_I[:, rows], k_I[:, keys].to(q_I.dtype))  # B, C, H_I, S'
                 relu = F.relu(logits).float()
                 scores = torch.einsum("bths,bth->bts", relu, w_I[:, rows])  # B, C, S (fp32)
             log_q = masked_log_softmax(scores, allowed)
@@ -392,12 +394,12 @@ class WarmupLoss(torch.autograd.Function):
             loss += (kl_rows(target, log_q)[..., None] * weight).sum()
             if not any(wanted):
                 continue
-            d_scores = (log_q.exp() * allowed - target) * weight  # B, C, S
-            d_logits = d_scores[:, :, None] * w_I[:, rows, :, None] * (logits > 0)  # B, C, H_I, S
+            d_scores = (log_q.exp() * allowed - target) * weight  # B, C, S'
+            d_logits = d_scores[:, :, None] * w_I[:, rows, :, None] * (logits > 0)  # B, C, H_I, S'
             if grads[0] is not None:
-                grads[0][:, rows] += torch.einsum("bths,bsd->bthd", d_logits, k_I.float())
+                grads[0][:, rows] += torch.einsum("bths,bsd->bthd", d_logits, k_I[:, keys].float())
             if grads[1] is not None:
-                grads[1] += torch.einsum("bths,bthd->bsd", d_logits, q_I[:, rows].float())
+                grads[1][:, keys] += torch.einsum("bths,bthd->bsd", d_logits, q_I[:, rows].float())
             if grads[2] is not None:
                 grads[2][:, rows] += torch.einsum("bts,bths->bth", d_scores, relu)
         ctx.save_for_backward(*grads)
