@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     names = [kind.name for kind in STEP_KINDS]
-    parser.add_argument("--out", type=Path, required=True, help="the JSON file to write")
+    parser.add_argument("--out", type=Path, help="the JSON file to write (required unless --profile)")
     parser.add_argument("--model", help="a Qwen2 or DSA checkpoint directory (default: the tiny preset's shape, random)")
     parser.add_argument("--lengths", type=ints, default=ints("1024,4096"), help="tokens per sequence, comma-separated")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per kind and length")
@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if not set(args.kinds) <= set(names):
         parser.error(f"--kinds: unknown kind(s) {sorted(set(args.kinds) - set(names))}; choose from {','.join(names)}")
+    if args.out is None and not args.profile:
+        parser.error("--out FILE is required")
     if args.repeats < 1 or args.warmup_runs < 0 or not args.lengths or min(args.lengths) < 2:
         parser.error("--repeats must be >= 1, --warmup-runs >= 0, --lengths >= 2 each")
     torch.set_num_threads(args.threads)
