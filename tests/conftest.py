@@ -1,4 +1,4 @@
-"""Fixtures shared by the compare.py and lm-eval tests."""
+"""Fixtures shared by the tests: torch's thread count restored after each test, and a tiny DSA checkpoint."""
 
 import pytest
 import torch
@@ -6,6 +6,15 @@ import torch
 import dsa
 from dsa.presets import SAMPLES_DIR
 from dsa.tiny import build_tokenizer, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Some tests call a script's main() in-process, which sets torch's thread count; the thread count changes the
+    order of float reductions, so a later test comparing a subprocess with an in-process run would differ in the last bits."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -136,7 +136,9 @@ train.main(sys.argv[1:])
 
 def test_killed_run_resumes_to_the_same_weights(warmed, sparse_run, tmp_path):
     flags = sparse_flags(warmed) + ["--output-dir", str(tmp_path)]
-    killed = subprocess.run([sys.executable, "-c", KILL_AT_FIFTH_STEP, *flags], cwd=REPO, capture_output=True, text=True)
+    same_threads = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as the in-process reference run
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_FIFTH_STEP, *flags], cwd=REPO, capture_output=True, text=True,
+                            env=same_threads)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-3"]
     assert not (tmp_path / "model.safetensors").exists()
