@@ -31,6 +31,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel, set_seed
 
 import dsa
+from dsa.core import TARGET_HEADS
 from dsa.data import training_windows
 from dsa.distill import distill_losses
 from dsa.errors import UsageError
@@ -133,12 +134,15 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     parser.add_argument("--train-params", choices=TRAIN_PARAMS, help="which base weights train: all (the paper), attention, lora")
     parser.add_argument("--lora-rank", type=int, help="rank r of the LoRA adapters")
     parser.add_argument("--lora-alpha", type=int, help="LoRA scale alpha: the update is (alpha / r) B A")
+    parser.add_argument("--target-heads", choices=TARGET_HEADS, default="sum",
+                        help="the indexer target's head aggregation: sum (the paper) or max (dsa/core.py, section 4)")
     args = parse_args(parser, "sparse", argv)
     check_options(args)
     set_seed(args.seed)
     paths = resolve_data(args.data)
     model, tokenizer, saved_dtype = load_model(args.model, require=dsa.Qwen2DSAConfig, hint=": run warmup_train.py first")
     dsa.set_mode(model, "sparse")
+    dsa.set_target_heads(model, args.target_heads)
     if args.topk is not None:  # default: the checkpoint's index_topk
         dsa.set_topk(model, args.topk)
     accelerator = make_accelerator(args)

@@ -13,6 +13,7 @@ from accelerate.utils import set_seed
 
 import dsa
 from dsa import tiny
+from dsa.core import TARGET_HEADS
 from dsa.data import training_windows
 from dsa.errors import UsageError
 from dsa.sources import resolve_data
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     parser.add_argument("--index-n-heads", type=int, help="H_I: indexer query heads")
     parser.add_argument("--index-head-dim", type=int, help="d_I: indexer head size")
     parser.add_argument("--index-rope-dim", type=int, help="indexer features that get RoPE (even, <= d_I)")
+    parser.add_argument("--target-heads", choices=TARGET_HEADS, default="sum",
+                        help="the indexer target's head aggregation: sum (the paper) or max (dsa/core.py, section 4)")
     args = parse_args(parser, "warmup", argv)
     try:
         dsa_config = dsa.DSAConfig(args.index_n_heads, args.index_head_dim, args.index_rope_dim, args.topk)
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     for p in indexer:
         p.requires_grad_(True)
     dsa.set_mode(model, "warmup")
+    dsa.set_target_heads(model, args.target_heads)
 
     windows = training_windows(paths, tokenizer, args.seq_len, args.retrieval_share, args.retrieval_pairs, args.seed)
     loader = torch.utils.data.DataLoader(windows, batch_size=args.batch_size)

@@ -90,14 +90,14 @@ class TorchBackend(Backend):
             return super().attend_trainable(q, k, v, selected, valid, scaling, work)
         return SparseAttention.apply(q, k, v, selected, valid, scaling, self.train_block_elements)
 
-    def sparse_kl(self, q, k, q_I, k_I, w_I, selected, valid, scaling):
-        return SparseKL.apply(q_I, k_I, w_I, q, k, selected, valid, scaling, self.train_block_elements)
+    def sparse_kl(self, q, k, q_I, k_I, w_I, selected, valid, scaling, heads="sum"):
+        return SparseKL.apply(q_I, k_I, w_I, q, k, selected, valid, scaling, self.train_block_elements, heads)
 
     def dense(self, q, k, v, allowed, scaling):
         return dense_attention(q, k, v, allowed, scaling)
 
-    def warmup_loss(self, q, k, q_I, k_I, w_I, query_pos, key_padding, scaling):
-        return WarmupLoss.apply(q_I, k_I, w_I, q.detach(), k.detach(), query_pos, key_padding, scaling, self.chunk_elements)
+    def warmup_loss(self, q, k, q_I, k_I, w_I, query_pos, key_padding, scaling, heads="sum"):
+        return WarmupLoss.apply(q_I, k_I, w_I, q.detach(), k.detach(), query_pos, key_padding, scaling, self.chunk_elements, heads)
 
 
 class CpuBackend(TorchBackend):

@@ -249,13 +249,21 @@ def sparse_attention(q, k, v, selected, valid, scaling: float) -> torch.Tensor:
 #     KL_t    = sum_{s in R_t} p[t, s] * (log p[t, s] - log softmax_{s in R_t}(I[t, s]))
 #
 #    Keys outside R_t contribute exactly 0; the loss is the mean of KL_t over the real query rows.
+#    `heads` = "sum" is the paper's target above. "max" (beyond the paper, a training variant) replaces the sum over
+#    heads by the max over heads before normalising: a key that one head attends strongly (a retrieval head) keeps
+#    its weight instead of being diluted by the heads that look elsewhere.
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def attention_target(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """logits: B, H, T, R; allowed: B|1, T, R  ->  p: B, T, R (fp32), rows summing to 1 (0 if empty)."""
+TARGET_HEADS = ("sum", "max")  # how the target combines the attention heads: the paper's sum, or the max
+
+
+def attention_target(logits: torch.Tensor, allowed: torch.Tensor, heads: str = "sum") -> torch.Tensor:
+    """logits: B, H, T, R; allowed: B|1, T, R  ->  p: B, T, R (fp32), rows summing to 1 (0 if empty).
+    heads: "sum" or "max" of the per-head softmaxes over the heads, then normalised (see the section's comment)."""
     mask = allowed[:, None]
-    p = (F.softmax(logits.float().masked_fill(~mask, NEG), dim=-1) * mask).sum(dim=1)  # sum over heads
+    per_head = F.softmax(logits.float().masked_fill(~mask, NEG), dim=-1) * mask  # B, H, T, R
+    p = per_head.sum(dim=1) if heads == "sum" else per_head.amax(dim=1)
     return p / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
 
@@ -270,26 +278,26 @@ def kl_rows(target: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dense_target(q, k, allowed, scaling: float) -> torch.Tensor:
+def dense_target(q, k, allowed, scaling: float, heads: str = "sum") -> torch.Tensor:
     """The warm-up target over every allowed key. q: B, Hq, T, D; k: B, Hkv, S, D; allowed: B|1, T, S -> B, T, S."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     q32 = q.float().view(B, Hkv, Hq // Hkv, T, D)
     logits = torch.matmul(q32, k.float()[:, :, None].transpose(-1, -2)) * scaling  # B, Hkv, G, T, S
-    return attention_target(logits.reshape(B, Hq, T, -1), allowed)
+    return attention_target(logits.reshape(B, Hq, T, -1), allowed, heads)
 
 
-def warmup_kl(q, k, q_I, k_I, w_I, allowed, scaling: float) -> torch.Tensor:
+def warmup_kl(q, k, q_I, k_I, w_I, allowed, scaling: float, heads: str = "sum") -> torch.Tensor:
     """KL per query row with the target over every allowed key (dense warm-up): B, T."""
-    return kl_rows(dense_target(q, k, allowed, scaling), masked_log_softmax(index_scores(q_I, k_I, w_I), allowed))
+    return kl_rows(dense_target(q, k, allowed, scaling, heads), masked_log_softmax(index_scores(q_I, k_I, w_I), allowed))
 
 
-def sparse_kl(q, k, q_I, k_I, w_I, selected, valid, scaling: float) -> torch.Tensor:
+def sparse_kl(q, k, q_I, k_I, w_I, selected, valid, scaling: float, heads: str = "sum") -> torch.Tensor:
     """KL per query row with the target over the selected keys (the sparse attention itself): B, T."""
     with torch.no_grad():
         B, Hq, T, _ = q.shape
         logits = grouped_logits(q.float(), gather_keys(k.float(), selected), scaling)  # B, Hkv, T, G, K
-        target = attention_target(logits.permute(0, 1, 3, 2, 4).reshape(B, Hq, T, -1), valid)
+        target = attention_target(logits.permute(0, 1, 3, 2, 4).reshape(B, Hq, T, -1), valid, heads)
     return kl_rows(target, masked_log_softmax(selected_index_scores(q_I, k_I, w_I, selected), valid))
 
 
@@ -350,15 +358,15 @@ class Backend:
         backward (`maybe_checkpoint`)."""
         return maybe_checkpoint(self.attend, q, k, v, selected, valid, scaling, work)
 
-    def sparse_kl(self, q, k, q_I, k_I, w_I, selected, valid, scaling: float) -> torch.Tensor:
+    def sparse_kl(self, q, k, q_I, k_I, w_I, selected, valid, scaling: float, heads: str = "sum") -> torch.Tensor:
         """`sparse_kl` of a chunk (B, T), recomputed in backward (`maybe_checkpoint`)."""
-        return maybe_checkpoint(sparse_kl, q, k, q_I, k_I, w_I, selected, valid, scaling)
+        return maybe_checkpoint(sparse_kl, q, k, q_I, k_I, w_I, selected, valid, scaling, heads)
 
     def dense(self, q, k, v, allowed, scaling: float) -> torch.Tensor:
         raise NotImplementedError("the reference backend has no dense shortcut")
 
-    def warmup_loss(self, q, k, q_I, k_I, w_I, query_pos, key_padding, scaling: float) -> torch.Tensor:
-        return warmup_indexer_loss(q, k, q_I, k_I, w_I, query_pos, key_padding, scaling, self.chunk_elements)
+    def warmup_loss(self, q, k, q_I, k_I, w_I, query_pos, key_padding, scaling: float, heads: str = "sum") -> torch.Tensor:
+        return warmup_indexer_loss(q, k, q_I, k_I, w_I, query_pos, key_padding, scaling, self.chunk_elements, heads)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -368,7 +376,8 @@ REFERENCE = Backend()
 
 
 def dsa_attention(
-    q, k, v, q_I, k_I, w_I, query_pos, key_padding, topk: int, scaling: float, training: bool, backend: Backend = REFERENCE, selection: str = "indexer"
+    q, k, v, q_I, k_I, w_I, query_pos, key_padding, topk: int, scaling: float, training: bool, backend: Backend = REFERENCE,
+    selection: str = "indexer", heads: str = "sum",
 ):
     """Top-k sparse attention of one layer and, in training, the sparse-stage indexer loss.
 
@@ -376,7 +385,8 @@ def dsa_attention(
     query_pos: T (S - T, ..., S - 1); key_padding: B, S bool (True = real token) or None.
     Returns out: B, T, Hq, D and the mean over real query rows of `sparse_kl` (None unless training).
     A chunk sees only the keys up to its last query: the later ones are never allowed. selection "oracle" ranks
-    the keys by the true attention (`oracle_topk`) instead of the indexer's scores.
+    the keys by the true attention (`oracle_topk`) instead of the indexer's scores. heads: the target's head
+    aggregation (`attention_target`).
     """
     S, T = k.shape[2], len(query_pos)
     work = backend.workspace()
@@ -390,7 +400,7 @@ def dsa_attention(
             allowed = allowed_keys(pos, padding, n_keys)  # B|1, C, n_keys
             outs.append(maybe_checkpoint(backend.dense, q_c, k_c, v_c, allowed, scaling))
             if training:
-                kl = maybe_checkpoint(warmup_kl, q_c.detach(), k_c.detach(), q_I_c, k_I_c, w_I_c, allowed, scaling)
+                kl = maybe_checkpoint(warmup_kl, q_c.detach(), k_c.detach(), q_I_c, k_I_c, w_I_c, allowed, scaling, heads)
         else:
             if selection == "oracle":
                 selected, valid = oracle_topk(q_c, k_c, pos, padding, topk, scaling)  # B, C, K
@@ -399,7 +409,7 @@ def dsa_attention(
             attend = backend.attend_trainable if torch.is_grad_enabled() else backend.attend
             outs.append(attend(q_c, k_c, v_c, selected, valid, scaling, work))
             if training:
-                kl = backend.sparse_kl(q_c.detach(), k_c.detach(), q_I_c, k_I_c, w_I_c, selected, valid, scaling)
+                kl = backend.sparse_kl(q_c.detach(), k_c.detach(), q_I_c, k_I_c, w_I_c, selected, valid, scaling, heads)
         if training:
             counted = query_rows(pos, key_padding)  # B|1, C
             kl_sum, n_rows = kl_sum + (kl * counted).sum(), n_rows + counted.sum()
@@ -407,14 +417,15 @@ def dsa_attention(
     return torch.cat(outs, dim=1), loss
 
 
-def warmup_indexer_loss(q, k, q_I, k_I, w_I, query_pos, key_padding, scaling: float, chunk_elements: int = CHUNK_ELEMENTS):
+def warmup_indexer_loss(q, k, q_I, k_I, w_I, query_pos, key_padding, scaling: float, chunk_elements: int = CHUNK_ELEMENTS,
+                        heads: str = "sum"):  # fmt: skip
     """The dense warm-up's indexer loss of one layer: the mean over real query rows of `warmup_kl` (every allowed
     key). Shapes as `dsa_attention`; returns a scalar. The attention output itself is the stock dense one."""
     S = k.shape[2]
     kl_sum, n_rows = 0.0, 0
     for rows in query_chunks(len(query_pos), S, chunk_elements):
         allowed = allowed_keys(query_pos[rows], key_padding, S)
-        kl = maybe_checkpoint(warmup_kl, q[:, :, rows].detach(), k.detach(), q_I[:, rows], k_I, w_I[:, rows], allowed, scaling)
+        kl = maybe_checkpoint(warmup_kl, q[:, :, rows].detach(), k.detach(), q_I[:, rows], k_I, w_I[:, rows], allowed, scaling, heads)
         counted = query_rows(query_pos[rows], key_padding)
         kl_sum, n_rows = kl_sum + (kl * counted).sum(), n_rows + counted.sum()
     return kl_sum / max(n_rows, 1)

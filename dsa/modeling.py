@@ -26,7 +26,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from . import backends
 from .cache import GrowingIndexedLayer
 from .config import DSAConfig, Qwen2DSAConfig, dsa_config_from
-from .core import SELECTIONS, Backend, LightningIndexer, dsa_attention
+from .core import SELECTIONS, TARGET_HEADS, Backend, LightningIndexer, dsa_attention
 
 MODES = ("dense", "warmup", "sparse")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # static frequencies; "dynamic" and "longrope" depend on the length
@@ -71,6 +71,7 @@ class Qwen2DSAAttention(Qwen2Attention):
         self.mode = "sparse"
         self.backend: str | Backend = "auto"  # a name of dsa.backends or a Backend; see set_backend
         self.selection = "indexer"  # or "oracle" (evaluation only); see set_selection
+        self.target_heads = "sum"  # the indexer target's head aggregation in training; see set_target_heads
         self.indexer_loss: torch.Tensor | None = None  # set by each training forward in warmup / sparse mode
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -107,10 +108,12 @@ class Qwen2DSAAttention(Qwen2Attention):
             backend = backends.resolve(self.backend, q.device)
             if self.mode == "warmup":
                 out = self.stock_attention(q, k, v, attention_mask, **kwargs)
-                self.indexer_loss = backend.warmup_loss(q, k, q_I, k_I, w_I, query_pos, dsa_key_padding, self.scaling)
+                self.indexer_loss = backend.warmup_loss(q, k, q_I, k_I, w_I, query_pos, dsa_key_padding, self.scaling,
+                                                        self.target_heads)
             else:
                 out, self.indexer_loss = dsa_attention(
-                    q, k, v, q_I, k_I, w_I, query_pos, dsa_key_padding, self.topk, self.scaling, self.training, backend, self.selection
+                    q, k, v, q_I, k_I, w_I, query_pos, dsa_key_padding, self.topk, self.scaling, self.training, backend, self.selection,
+                    self.target_heads,
                 )
         return self.o_proj(out.reshape(B, T, -1).contiguous()), None
 
@@ -247,6 +250,16 @@ def set_selection(model: torch.nn.Module, selection: str) -> torch.nn.Module:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     for layer in dsa_attention_layers(model):
         layer.selection = selection
+    return model
+
+
+def set_target_heads(model: torch.nn.Module, heads: str) -> torch.nn.Module:
+    """How the indexer's training target combines the attention heads in every DSA layer: "sum" (the paper) or
+    "max" (dsa.core.attention_target). Training only: inference and the saved weights do not depend on it."""
+    if heads not in TARGET_HEADS:
+        raise ValueError(f"target heads must be one of {TARGET_HEADS}, got {heads!r}")
+    for layer in dsa_attention_layers(model):
+        layer.target_heads = heads
     return model
 
 

@@ -255,6 +255,25 @@ def test_model_with_each_backend_equals_reference(name, mode, topk):
 
 
 @pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("mode", ["sparse", "warmup"])
+@pytest.mark.parametrize("topk", [6, 40])
+def test_max_target_heads_with_each_backend_equals_reference(name, mode, topk):
+    """The "max" head aggregation of the indexer target reaches every backend's loss path (SparseKL, WarmupLoss, the
+    dense shortcut): losses and gradients equal the reference's, and differ from the "sum" target's."""
+    model = dsa.set_mode(gqa_dsa(topk), mode).train()
+    inputs = padded_inputs(3)
+    summed, _ = run(model, Backend(chunk_elements=30 * 4), **inputs)
+    dsa.set_target_heads(model, "max")
+    ref, ref_grads = run(model, Backend(chunk_elements=30 * 4), **inputs)
+    out, out_grads = run(model, small(name), **inputs)
+    assert abs(ref.indexer_loss - summed.indexer_loss) > 1e-4
+    torch.testing.assert_close(out.indexer_loss, ref.indexer_loss, atol=1e-5, rtol=1e-5)
+    for n, g in ref_grads.items():
+        if ".indexer." in n:
+            torch.testing.assert_close(out_grads[n], g, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAST)
 def test_warmup_loss_without_autograd_equals_reference(name):
     model = dsa.set_mode(gqa_dsa(topk=6), "warmup").train()
     inputs = padded_inputs(4)

@@ -358,6 +358,15 @@ def test_kl_is_zero_when_the_indexer_distribution_equals_the_target():
     assert (kl_rows(target, masked_log_softmax(other, allowed)) > 0).all()
 
 
+def test_attention_target_sums_or_takes_the_max_over_heads_by_hand():
+    """Two heads over three keys, the third masked: head 0 softmax (0.8, 0.2), head 1 (0.5, 0.5).
+    sum: (1.3, 0.7) / 2; max: (0.8, 0.5) / 1.3; masked keys get 0."""
+    logits = torch.tensor([[math.log(0.8), math.log(0.2), 5.0], [0.0, 0.0, 5.0]])[None, :, None]  # B, H, T, R
+    allowed = torch.tensor([True, True, False])[None, None]  # B, T, R
+    torch.testing.assert_close(dsa.core.attention_target(logits, allowed), torch.tensor([[[0.65, 0.35, 0.0]]]))
+    torch.testing.assert_close(dsa.core.attention_target(logits, allowed, "max"), torch.tensor([[[0.8 / 1.3, 0.5 / 1.3, 0.0]]]))
+
+
 def test_save_and_reload_roundtrip(tmp_path):
     _, model = dense_and_dsa(topk=4)
     dsa.set_mode(model, "dense")
@@ -402,6 +411,8 @@ def test_bad_model_and_mode_raise_clear_errors():
         dsa.set_mode(model, "fast")
     with pytest.raises(ValueError, match="topk"):
         dsa.set_topk(model, 0)
+    with pytest.raises(ValueError, match="'mean'"):
+        dsa.set_target_heads(model, "mean")
     with pytest.raises(TypeError, match="add_indexers"):
         dsa.set_mode(llama, "sparse")
 

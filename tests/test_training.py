@@ -94,6 +94,17 @@ def test_warmup_kl_falls(warmed):
     assert last < 0.7 * first, (first, last)
 
 
+def test_warmup_with_the_max_head_target(base, warmed, tmp_path):
+    """--target-heads max: the same indexers and first batch as the default run, another target (another first KL);
+    the flag is recorded and only indexer weights change."""
+    warmup_train.main(TINY + ["--model", str(base), "--output-dir", str(tmp_path), "--max-steps", "2", "--target-heads", "max"])
+    first = metrics(tmp_path)[0]["kl"]
+    assert abs(first - metrics(warmed)[0]["kl"]) > 1e-4 * first
+    assert json.loads((tmp_path / "args.json").read_text())["target_heads"] == "max"
+    for name, tensor in weights(base).items():
+        assert torch.equal(weights(tmp_path)[name], tensor), name
+
+
 def test_warmup_continues_from_a_warmup_checkpoint_with_retrieval_windows(warmed, tmp_path):
     """A DSA checkpoint as --model: its indexers train on (here, longer) windows, half of them synthetic retrieval
     windows; the base stays bit-identical and the new k is recorded."""

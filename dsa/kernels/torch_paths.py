@@ -311,7 +311,7 @@ class SparseKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_I, k_I, w_I, q, k, selected, valid, scaling: float, block_elements: int):
+    def forward(ctx, q_I, k_I, w_I, q, k, selected, valid, scaling: float, block_elements: int, heads: str = "sum"):
         B, Hq, T, D = q.shape
         Hkv, K = k.shape[1], selected.shape[-1]
         dtype = compute_dtype(q.device, torch.float32)  # the reference's target: fp32 q and k, under the caller's autocast
@@ -324,7 +324,7 @@ class SparseKL(torch.autograd.Function):
             C = rows.stop - rows.start
             k_sel = gather_rows(heads, sel[:, None].expand(B, Hkv, C, K).reshape(B * Hkv, C, K)).view(B, Hkv, C, K, D)
             logits = grouped_logits(q[:, :, rows].to(dtype), k_sel, scaling)  # B, Hkv, C, G, K
-            target[:, rows] = attention_target(logits.permute(0, 1, 3, 2, 4).reshape(B, Hq, C, K), valid[:, rows])
+            target[:, rows] = attention_target(logits.permute(0, 1, 3, 2, 4).reshape(B, Hq, C, K), valid[:, rows], heads)
             scores[:, rows] = gathered_index_scores(q_I[:, rows], gather_rows(k_Ic, sel), w_I[:, rows])
         log_q = masked_log_softmax(scores, valid)
         ctx.save_for_backward(q_I, k_I, w_I, selected, log_q.exp() * valid - target)
@@ -352,7 +352,7 @@ class SparseKL(torch.autograd.Function):
                 d_k_sel = torch.einsum("bthk,bthd->btkd", d_logits, q_r.float())  # B, C, K, d_I
                 for b in range(B):
                     d_k[b].index_add_(0, sel[b].reshape(-1), d_k_sel[b].reshape(-1, d_I))
-        return d_q.to(q_I.dtype), d_k.to(k_I.dtype), d_w.to(w_I.dtype), None, None, None, None, None, None
+        return d_q.to(q_I.dtype), d_k.to(k_I.dtype), d_w.to(w_I.dtype), None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -373,7 +373,7 @@ class WarmupLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_I, k_I, w_I, q, k, query_pos, key_padding, scaling, chunk_elements):
+    def forward(ctx, q_I, k_I, w_I, q, k, query_pos, key_padding, scaling, chunk_elements, heads="sum"):
         wanted = ctx.needs_input_grad[:3]
         ctx.dtypes = [x.dtype for x in (q_I, k_I, w_I)]
         grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need else None for x, need in zip((q_I, k_I, w_I), wanted)]
@@ -384,7 +384,7 @@ class WarmupLoss(torch.autograd.Function):
         for rows in query_chunks(T, S, chunk_elements):
             keys = slice(0, S - T + rows.stop)  # the later keys are allowed to none of the chunk's queries: all terms 0
             allowed = allowed_keys(query_pos[rows], key_padding, keys.stop)  # B|1, C, S'
-            target = dense_target(q[:, :, rows], k[:, :, keys], allowed, scaling)  # B, C, S'
+            target = dense_target(q[:, :, rows], k[:, :, keys], allowed, scaling, heads)  # B, C, S'
             with torch.autocast(q_I.device.type, enabled=False):
                 logits = torch.einsum("bthd,bsd->bths", q_I[:, rows], k_I[:, keys].to(q_I.dtype))  # B, C, H_I, S'
                 relu = F.relu(logits).float()
@@ -409,4 +409,4 @@ class WarmupLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grads = [g * grad_loss if g is not None else None for g in ctx.saved_tensors]
         grads = [g.to(dtype) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)]
-        return *grads, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None
