@@ -315,14 +315,14 @@ class SparseKL(torch.autograd.Function):
         B, Hq, T, D = q.shape
         Hkv, K = k.shape[1], selected.shape[-1]
         dtype = compute_dtype(q.device, torch.float32)  # the reference's target: fp32 q and k, under the caller's autocast
-        heads = per_head_contiguous(k.to(dtype)).reshape(B * Hkv, -1, D)
+        k_heads = per_head_contiguous(k.to(dtype)).reshape(B * Hkv, -1, D)
         k_Ic = k_I.to(q_I.dtype)  # what gathered_index_scores casts the keys to
         target = torch.empty(B, T, K, dtype=torch.float32, device=q.device)
         scores = torch.empty(B, T, K, dtype=torch.float32, device=q.device)
         for rows in query_chunks(T, Hkv * K * D, block_elements):
             sel = selected[:, rows]
             C = rows.stop - rows.start
-            k_sel = gather_rows(heads, sel[:, None].expand(B, Hkv, C, K).reshape(B * Hkv, C, K)).view(B, Hkv, C, K, D)
+            k_sel = gather_rows(k_heads, sel[:, None].expand(B, Hkv, C, K).reshape(B * Hkv, C, K)).view(B, Hkv, C, K, D)
             logits = grouped_logits(q[:, :, rows].to(dtype), k_sel, scaling)  # B, Hkv, C, G, K
             target[:, rows] = attention_target(logits.permute(0, 1, 3, 2, 4).reshape(B, Hq, C, K), valid[:, rows], heads)
             scores[:, rows] = gathered_index_scores(q_I[:, rows], gather_rows(k_Ic, sel), w_I[:, rows])
