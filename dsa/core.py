@@ -413,7 +413,7 @@ def dsa_attention(
         if training:
             counted = query_rows(pos, key_padding)  # B|1, C
             kl_sum, n_rows = kl_sum + (kl * counted).sum(), n_rows + counted.sum()
-    loss = kl_sum / max(n_rows, 1) if training else None
+    loss = kl_sum / n_rows.clamp_min(1) if training else None  # n_rows is a tensor: no host sync
     return torch.cat(outs, dim=1), loss
 
 
@@ -428,4 +428,4 @@ def warmup_indexer_loss(q, k, q_I, k_I, w_I, query_pos, key_padding, scaling: fl
         kl = maybe_checkpoint(warmup_kl, q[:, :, rows].detach(), k.detach(), q_I[:, rows], k_I, w_I[:, rows], allowed, scaling, heads)
         counted = query_rows(query_pos[rows], key_padding)
         kl_sum, n_rows = kl_sum + (kl * counted).sum(), n_rows + counted.sum()
-    return kl_sum / max(n_rows, 1)
+    return kl_sum / n_rows.clamp_min(1)
