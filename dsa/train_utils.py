@@ -9,7 +9,9 @@ command-line flags, and model loading.
 accelerate (one process, or `accelerate launch` for DDP; bf16 autocast on CUDA, fp32 on CPU unless --bf16), AdamW over
 the parameter groups (each may carry its own "lr" and a "name"), linear warm-up over
 `--lr-warmup` steps (default 5% of --max-steps) then cosine decay to 0, no weight decay, gradient norm
-clipped to 1, `--grad-accum` micro-batches per optimizer step.
+clipped to 1 (`accelerator.clip_grad_norm_`), `--grad-accum` micro-batches per optimizer step. Model, optimizer and
+data loader are prepared in one `accelerator.prepare` call, which FSDP2 needs (it swaps the optimizer's parameters for
+the sharded ones); `accelerate launch --config_file configs/<ddp|fsdp2|zero2|zero3>.yaml` picks the parallelism.
 
 Output directory:
   metrics.jsonl      one JSON object per optimizer step: step, loss, the loss_fn metrics, lr (first group;
@@ -207,7 +209,6 @@ def run_training(
 
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.lr_warmup, args.max_steps)
-    trainable = [p for group in param_groups for p in group["params"]]
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -243,8 +244,8 @@ def run_training(
         with accelerator.accumulate(model):
             loss, metrics = loss_fn(model, batch)
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(trainable, 1.0)
+            if accelerator.sync_gradients:  # the prepared model's parameters: FSDP clips its sharded ones, DeepSpeed
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)  # by its config (frozen ones have no gradient)
             optimizer.step()
             optimizer.zero_grad()
         for name, value in {"loss": loss.item(), **metrics}.items():
