@@ -836,7 +836,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help="timed prefills per variant and length (default 3)")
     parser.add_argument("--steps", type=int, help="timed decode steps per variant and context (default 10)")
     parser.add_argument("--topk", type=int, help="k (default 512; --quick: length / 8)")
-    parser.add_argument("--launch-timeout", type=int, default=300, help="seconds per accelerate launch")
+    parser.add_argument("--launch-timeout", type=int, default=600, help="seconds per accelerate launch")
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))
