@@ -160,14 +160,14 @@ def main(argv=None) -> None:
             raise UsageError(f"--lm-eval: {problems[0]}")
     data = resolve_data(args.data)
     model, model_path = load(args.model, device, dtype)
-    if not isinstance(model, dsa.Qwen2DSAForCausalLM):
+    if not isinstance(model, dsa.DSAModel):
         raise UsageError(f"--model {args.model} is not a DSA checkpoint ({type(model).__name__}); make one with warmup_train.py")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if args.baseline:
         baseline, _ = load(args.baseline, device, dtype)
         if baseline.config.vocab_size != model.config.vocab_size:
             raise UsageError(f"--baseline {args.baseline} has another vocabulary ({baseline.config.vocab_size} vs {model.config.vocab_size})")
-        is_dsa = isinstance(baseline, dsa.Qwen2DSAForCausalLM)
+        is_dsa = isinstance(baseline, dsa.DSAModel)
         dense = Variant("dense", baseline, "dense" if is_dsa else None)
         baseline_text = f"`{args.baseline}`" + (" in dense mode" if is_dsa else " (stock attention)")
     else:

@@ -1,4 +1,4 @@
-"""DPO on COIG-P preference pairs, for a dense Qwen2 model or a DSA model (trained in sparse mode).
+"""DPO on COIG-P preference pairs, for a dense model or a DSA model (trained in sparse mode).
 
     uv run python dpo_train.py --model runs/sparse                       # COIG-P (m-a-p/COIG-P on the hub)
     uv run python dpo_train.py --model runs/sparse --data pairs.parquet  # a local copy (.jsonl / .parquet / dir)
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     model, tokenizer, save_dtype = load_model(args.model)
     ref_model, _, _ = load_model(args.ref_model or args.model)
-    is_dsa = isinstance(model, dsa.Qwen2DSAForCausalLM)
-    if isinstance(ref_model, dsa.Qwen2DSAForCausalLM) != is_dsa:
+    is_dsa = isinstance(model, dsa.DSAModel)
+    if isinstance(ref_model, dsa.DSAModel) != is_dsa:
         raise UsageError(f"--ref-model {args.ref_model} and --model {args.model} must both be DSA or both dense")
     for m in (model, ref_model) if is_dsa else ():
         dsa.set_mode(m, "sparse")

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     check_options(args)
     set_seed(args.seed)
     paths = resolve_data(args.data)
-    model, tokenizer, saved_dtype = load_model(args.model, require=dsa.Qwen2DSAConfig, hint=": run warmup_train.py first")
+    model, tokenizer, saved_dtype = load_model(args.model, require=dsa.DSAModelConfig, hint=": run warmup_train.py first")
     dsa.set_mode(model, "sparse")
     dsa.set_target_heads(model, args.target_heads)
     if args.topk is not None:  # default: the checkpoint's index_topk

@@ -1,6 +1,6 @@
 """Stage 1, dense warm-up (docs/method.md, training): add a lightning indexer to every attention layer of a dense
-Qwen2 model, freeze every base parameter, keep dense attention, and train only the indexers on
-KL(head-summed attention || softmax(index scores)). Base weights in the output are bit-identical to the input's.
+model (Qwen2, Qwen3, Llama or Mistral; Qwen2.5-0.5B by default), freeze every base parameter, keep dense attention,
+and train only the indexers on KL(head-summed attention || softmax(index scores)). Base weights in the output are bit-identical to the input's.
 
     uv run python warmup_train.py --preset tiny                       # offline: tiny base model, bundled data
     uv run python warmup_train.py --model Qwen/Qwen2.5-0.5B --data deepctrl/deepctrl-sft-data
@@ -30,7 +30,7 @@ def check_indexer_sizes(dsa_config: dsa.DSAConfig, name: str):
     """A check for load_model: a DSA checkpoint's indexer sizes must equal the flags' (its indexers continue)."""
 
     def check(config) -> None:
-        if not isinstance(config, dsa.Qwen2DSAConfig):
+        if not isinstance(config, dsa.DSAModelConfig):
             return
         for field in ("index_n_heads", "index_head_dim", "index_rope_dim"):
             if getattr(config, field) != getattr(dsa_config, field):
@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
         args.model = str(tiny.ensure_tiny_base())
     paths = resolve_data(args.data)
     model, tokenizer, saved_dtype = load_model(args.model, check=check_indexer_sizes(dsa_config, args.model))
-    if isinstance(model.config, dsa.Qwen2DSAConfig):  # a warm-up checkpoint: continue training its indexers
+    if isinstance(model.config, dsa.DSAModelConfig):  # a warm-up checkpoint: continue training its indexers
         dsa.set_topk(model, dsa_config.index_topk)
     else:
         try:
             model = dsa.add_indexers(model, dsa_config)  # copies the base weights: the dense model is dropped
-        except TypeError as e:  # not a dense Qwen2 checkpoint
+        except (TypeError, ValueError) as e:  # not a supported family, or sliding-window layers
             raise UsageError(f"{args.model}: {e}") from None
     model.requires_grad_(False)
     indexer = [p for name, p in model.named_parameters() if ".indexer." in name]

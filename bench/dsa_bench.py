@@ -96,7 +96,7 @@ def build_model(variant: str, layers: int, device, dtype, backend: str = "auto",
     if variant == "stock":
         model = Qwen2ForCausalLM(config)
     else:
-        model = dsa.Qwen2DSAForCausalLM(dsa_config_from(config, DSA_SHAPES))
+        model = dsa.Qwen2DSAForCausalLM(dsa_config_from(config, dsa.Qwen2DSAConfig, DSA_SHAPES))
         dsa.set_backend(model, MaskedDenseBackend() if variant == "mask" else backend)
         dsa.backends.resolve(backend, device)  # build "auto"'s kernels now, not inside a timed run
     return model.to(device=device, dtype=dtype).eval()

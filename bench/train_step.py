@@ -102,7 +102,7 @@ def load(path: str | None, dsa_config: dsa.DSAConfig, layers: int | None = None)
         config.num_hidden_layers, config.layer_types = layers, config.layer_types[:layers]
     if path is None:
         dense = Qwen2ForCausalLM(config)
-    elif isinstance(config, dsa.Qwen2DSAConfig):
+    elif isinstance(config, dsa.DSAModelConfig):
         return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
     else:
         dense = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)

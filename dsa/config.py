@@ -1,14 +1,16 @@
-"""DSA hyper-parameters and the Hugging Face config type that carries them.
+"""DSA hyper-parameters and the Hugging Face config types that carry them.
 
-`DSAConfig` is what a user passes to `dsa.add_indexers`; `Qwen2DSAConfig` is a `Qwen2Config` with the
-same four `index_*` fields, saved in config.json under `model_type = "qwen2_dsa"` so that
-`AutoModelForCausalLM.from_pretrained(dir)` rebuilds the DSA model after `import dsa`.
+`DSAConfig` is what a user passes to `dsa.add_indexers`. For each supported family there is a config type: the
+family's config with the same four `index_*` fields (`Qwen2DSAConfig` = `Qwen2Config` + the fields, ...), saved in
+config.json under `model_type = "<family>_dsa"` ("qwen2_dsa", "qwen3_dsa", "llama_dsa", "mistral_dsa") so that
+`AutoModelForCausalLM.from_pretrained(dir)` rebuilds the DSA model after `import dsa`. Every one of them is a
+`DSAModelConfig`.
 """
 
 from dataclasses import asdict, dataclass
 
 from huggingface_hub.dataclasses import strict
-from transformers import Qwen2Config
+from transformers import LlamaConfig, MistralConfig, PreTrainedConfig, Qwen2Config, Qwen3Config
 
 
 @dataclass
@@ -43,16 +45,8 @@ def validate_dsa_fields(index_n_heads, index_head_dim, index_rope_dim, index_top
         raise ValueError(f"index_topk must be an integer >= 1, got {index_topk!r}")
 
 
-@strict
-class Qwen2DSAConfig(Qwen2Config):
-    """A Qwen2 config plus the DSA fields (see `DSAConfig`)."""
-
-    model_type = "qwen2_dsa"
-
-    index_n_heads: int = 4
-    index_head_dim: int = 64
-    index_rope_dim: int = 32
-    index_topk: int = 512
+class DSAModelConfig:
+    """What every <family>DSAConfig adds to its family's config: the check of the DSA fields and `dsa`."""
 
     def __post_init__(self, **kwargs):
         validate_dsa_fields(self.index_n_heads, self.index_head_dim, self.index_rope_dim, self.index_topk)
@@ -63,12 +57,34 @@ class Qwen2DSAConfig(Qwen2Config):
         return DSAConfig(self.index_n_heads, self.index_head_dim, self.index_rope_dim, self.index_topk)
 
 
-def dsa_config_from(qwen2_config: Qwen2Config, dsa_config: DSAConfig) -> Qwen2DSAConfig:
-    """The Qwen2DSAConfig of a dense Qwen2 config plus DSA sizes."""
-    fields = qwen2_config.to_dict()
+def dsa_config_type(family: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
+    """The DSA config type of a family: `family` plus the four DSA fields, model_type "<family's>_dsa"."""
+
+    class Config(DSAModelConfig, family):
+        model_type = f"{family.model_type}_dsa"
+
+        index_n_heads: int = 4
+        index_head_dim: int = 64
+        index_rope_dim: int = 32
+        index_topk: int = 512
+
+    Config.__name__ = Config.__qualname__ = family.__name__.replace("Config", "DSAConfig")
+    Config.__doc__ = f"A {family.__name__} plus the DSA fields (see `DSAConfig`)."
+    return strict(Config)
+
+
+Qwen2DSAConfig = dsa_config_type(Qwen2Config)
+Qwen3DSAConfig = dsa_config_type(Qwen3Config)
+LlamaDSAConfig = dsa_config_type(LlamaConfig)
+MistralDSAConfig = dsa_config_type(MistralConfig)
+
+
+def dsa_config_from(config: PreTrainedConfig, config_type: type[PreTrainedConfig], dsa_config: DSAConfig) -> PreTrainedConfig:
+    """The DSA config (of type `config_type`) of a dense model's config plus DSA sizes."""
+    fields = config.to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
         fields.pop(key, None)
     fields.update(asdict(dsa_config))
-    config = Qwen2DSAConfig(**fields)
-    config._attn_implementation = qwen2_config._attn_implementation
-    return config
+    dsa_model_config = config_type(**fields)
+    dsa_model_config._attn_implementation = config._attn_implementation
+    return dsa_model_config

@@ -19,11 +19,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, GenerationConfig
-from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from .data import PackedSFT, encode_conversation
 from .core import allowed_keys, attention_target, query_chunks, select_topk
-from .modeling import Qwen2DSAForCausalLM, dsa_cache, set_mode, set_selection, set_topk
+from .modeling import DSAModel, dsa_cache, set_mode, set_selection, set_topk
 from .stats import mean_interval, paired_accuracy_difference, paired_relative_difference, perplexity_interval, wilson_interval
 
 
@@ -149,7 +148,7 @@ def prefill_nll(model, ids: torch.Tensor) -> torch.Tensor:
 
 def new_cache(model) -> DynamicCache:
     """The cache generate() would use: with indexer-key layers for a DSA model."""
-    return dsa_cache(model.config) if isinstance(model, Qwen2DSAForCausalLM) else DynamicCache(config=model.config)
+    return dsa_cache(model.config) if isinstance(model, DSAModel) else DynamicCache(config=model.config)
 
 
 @torch.no_grad()
@@ -208,10 +207,7 @@ def layer_recall_sums(attn, hidden: torch.Tensor, position_embeddings, position_
     hidden: 1, T, hidden (output of input_layernorm). Returns {k: {method: sum, "rows": n}}.
     """
     B, T, _ = hidden.shape
-    shape = (B, T, -1, attn.head_dim)
-    q = attn.q_proj(hidden).view(shape).transpose(1, 2)  # B, Hq, T, D
-    k = attn.k_proj(hidden).view(shape).transpose(1, 2)  # B, Hkv, T, D
-    q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+    q, k, _ = attn.project(hidden, position_embeddings)  # B, Hq, T, D; B, Hkv, T, D
     q_I, k_I, w_I = attn.indexer(hidden, position_ids)
     Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
     query_index = torch.arange(T, device=hidden.device)

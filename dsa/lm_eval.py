@@ -56,7 +56,7 @@ from lm_eval.api.registry import model_registry
 from lm_eval.models.huggingface import HFLM
 from transformers import GenerationConfig
 
-from .modeling import Qwen2DSAForCausalLM, set_mode, set_selection, set_topk
+from .modeling import DSAModel, set_mode, set_selection, set_topk
 from .stats import mean_interval, wilson_interval
 
 PROMPT_SLACK = 256  # tokens of context allowed beyond the task length L (RULER's answer prefix is not in L)
@@ -368,10 +368,10 @@ class DSAHFLM(HFLM):
     dsa_selection (indexer or oracle; default indexer). Registered as "hf-dsa"."""
 
     def __init__(self, pretrained, dsa_mode: str | None = None, dsa_topk: int | None = None, dsa_selection: str | None = None, **kwargs):
-        kwargs.setdefault("backend", "causal")  # qwen2_dsa is not in transformers' causal-LM name mapping
+        kwargs.setdefault("backend", "causal")  # the <family>_dsa types are not in transformers' causal-LM name mapping
         super().__init__(pretrained=pretrained, **kwargs)
         model = self.model
-        if not isinstance(model, Qwen2DSAForCausalLM):
+        if not isinstance(model, DSAModel):
             if dsa_mode not in (None, "dense") or dsa_topk is not None or dsa_selection is not None:
                 raise ValueError(f"{pretrained} is not a DSA checkpoint ({type(model).__name__}): dsa_mode=dense at most")
             return

@@ -1,8 +1,15 @@
-"""DSA on Qwen2 in transformers: every attention layer gets a lightning indexer and runs dsa.core's sparse attention.
+"""DSA in transformers' decoders: every attention layer gets a lightning indexer and runs dsa.core's sparse attention.
+
+Families (`FAMILIES`): Qwen2 (Qwen2 / Qwen2.5, the main model), Qwen3 (q/k RMSNorm per head), Llama (Llama 2/3.x,
+SmolLM; any static rope type, llama3 scaling included) and Mistral, all with the Llama attention layout: q/k/v/o
+projections, GQA, rotate-half RoPE. Each family gets a DSA config type (dsa/config.py), an attention class
+(`DSAAttention` + the family's attention: its projections and norms) and a causal-LM class (`DSAModel` + the family's
+ForCausalLM: the indexer cache and the padding mask). Sliding-window layers are refused: the selection covers the
+whole causal prefix. Nothing outside this module and dsa/config.py knows the family.
 
 The attention layer projects q/k/v, applies RoPE, updates the cache and hands the rest to dsa.core. Modes
 (`set_mode`), per forward of one layer:
-  dense   stock Qwen2 attention (the model's attn_implementation); the indexer is not run.
+  dense   the family's stock attention (the model's attn_implementation); the indexer is not run.
   warmup  stock dense attention; in training, the indexer loss against the full causal attention.
   sparse  each query attends only its top-k keys by index score; in training, the indexer loss on the selected
           set. The default, and the mode a reloaded checkpoint starts in.
@@ -14,18 +21,21 @@ the main KV cache, which still stores every token.
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from transformers.cache_utils import DynamicCache
 from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.mistral.modeling_mistral import MistralAttention
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 from transformers.utils.deprecation import deprecate_kwarg
 
 from . import backends
 from .cache import GrowingIndexedLayer
-from .config import DSAConfig, Qwen2DSAConfig, dsa_config_from
+from .config import DSAConfig, DSAModelConfig, LlamaDSAConfig, MistralDSAConfig, Qwen2DSAConfig, Qwen3DSAConfig, dsa_config_from
 from .core import SELECTIONS, TARGET_HEADS, Backend, LightningIndexer, dsa_attention
 
 MODES = ("dense", "warmup", "sparse")
@@ -62,9 +72,24 @@ def indexer_rope(config, rope_dim: int) -> tuple[list[float], float]:
     return inv_freq.float().tolist(), float(scale)
 
 
-class Qwen2DSAAttention(Qwen2Attention):
-    def __init__(self, config: Qwen2DSAConfig, layer_idx: int):
+def sliding_window(attention: torch.nn.Module, config) -> int | None:
+    """The layer's sliding window (Qwen2/Qwen3 set it per layer type, Mistral reads its config; Llama has none)."""
+    if hasattr(attention, "sliding_window"):
+        return attention.sliding_window
+    return getattr(config, "sliding_window", None)
+
+
+class DSAAttention:
+    """The DSA attention of one layer, mixed into a family's attention class (which brings q/k/v/o_proj, the optional
+    q_norm / k_norm, head_dim and scaling): `class Qwen2DSAAttention(DSAAttention, Qwen2Attention)`."""
+
+    def __init__(self, config: DSAModelConfig, layer_idx: int):
         super().__init__(config, layer_idx)
+        window = sliding_window(self, config)
+        if window is not None:
+            raise ValueError(f"layer {layer_idx} of this {type(config).__name__} uses sliding-window attention (window {window}); "
+                             "DSA here selects from the whole causal prefix: load the model with sliding_window=None "
+                             "(use_sliding_window=False for Qwen) to use it")  # fmt: skip
         inv_freq, rope_scale = indexer_rope(config, config.index_rope_dim)
         self.indexer = LightningIndexer(config.hidden_size, config.index_n_heads, config.index_head_dim, config.index_rope_dim, inv_freq, rope_scale)
         self.topk = config.index_topk
@@ -86,11 +111,7 @@ class Qwen2DSAAttention(Qwen2Attention):
         **kwargs,
     ):
         B, T, _ = hidden_states.shape
-        hidden_shape = (B, T, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # B, Hq, T, D
-        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # B, Hkv, T, D
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # B, Hkv, T, D
-        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        q, k, v = self.project(hidden_states, position_embeddings)
         n_past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # B, Hkv, S, D with S = n_past + T
@@ -117,12 +138,25 @@ class Qwen2DSAAttention(Qwen2Attention):
                 )
         return self.o_proj(out.reshape(B, T, -1).contiguous()), None
 
+    def project(self, hidden_states: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The family's q, k, v of B, T, hidden: q B, Hq, T, D and k B, Hkv, T, D after the per-head norms (Qwen3's
+        q_norm / k_norm, where the family has them) and RoPE; v B, Hkv, T, D."""
+        B, T, _ = hidden_states.shape
+        hidden_shape = (B, T, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape)
+        k = self.k_proj(hidden_states).view(hidden_shape)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), *position_embeddings)
+        return q, k, v
+
     def stock_attention(self, q, k, v, attention_mask, **kwargs) -> torch.Tensor:
-        """The stock Qwen2 attention call (SDPA, eager, flash... per config). Returns B, T, Hq, D."""
+        """The family's stock attention call (SDPA, eager, flash... per config). Returns B, T, Hq, D."""
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         kwargs.pop("use_cache", None)
         dropout = self.attention_dropout if self.training else 0.0
-        out, _ = attention_interface(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
+        out, _ = attention_interface(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
         return out
 
 
@@ -141,15 +175,18 @@ def dsa_cache(config) -> DynamicCache:
     return cache
 
 
-class Qwen2DSAForCausalLM(Qwen2ForCausalLM):
-    config_class = Qwen2DSAConfig
-    config: Qwen2DSAConfig
+class DSAModel:
+    """A DSA causal LM, mixed into a family's ForCausalLM: `class Qwen2DSAForCausalLM(DSAModel, Qwen2ForCausalLM)`
+    with `attention_class` the family's DSA attention. Every layer's self_attn is a DSA attention; forward takes
+    the padding mask to the DSA layers and returns the indexer loss; generate() gets the indexer cache."""
+
+    attention_class: type
     _keep_in_fp32_modules_strict = ["weights_proj"]  # the indexer weights w are fp32, also in a bf16 checkpoint
 
-    def __init__(self, config: Qwen2DSAConfig):
+    def __init__(self, config: DSAModelConfig):
         super().__init__(config)
         for i, layer in enumerate(self.model.layers):
-            layer.self_attn = Qwen2DSAAttention(config, i)
+            layer.self_attn = self.attention_class(config, i)
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -181,17 +218,69 @@ class Qwen2DSAForCausalLM(Qwen2ForCausalLM):
             model_kwargs["cache"] = dsa_cache(self.config)
 
 
-def add_indexers(model: Qwen2ForCausalLM, dsa_config: DSAConfig) -> Qwen2DSAForCausalLM:
-    """A DSA model built from a dense Qwen2ForCausalLM: the same base weights (copied unchanged), a fresh lightning
-    indexer in every layer's `self_attn.indexer` (weights_proj in fp32 whatever the model's dtype), mode "sparse",
-    backend "auto"."""
-    if type(model) is not Qwen2ForCausalLM:
-        raise TypeError(f"add_indexers supports Qwen2ForCausalLM (Qwen2 / Qwen2.5 checkpoints); got {type(model).__name__}")
+# --------------------------------------------------------------------------------------------------------------
+# The families: the family's attention and causal LM with DSA mixed in, and their registration for the Auto classes
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Qwen2DSAAttention(DSAAttention, Qwen2Attention):
+    pass
+
+
+class Qwen3DSAAttention(DSAAttention, Qwen3Attention):
+    pass
+
+
+class LlamaDSAAttention(DSAAttention, LlamaAttention):
+    pass
+
+
+class MistralDSAAttention(DSAAttention, MistralAttention):
+    pass
+
+
+class Qwen2DSAForCausalLM(DSAModel, Qwen2ForCausalLM):
+    config_class, attention_class = Qwen2DSAConfig, Qwen2DSAAttention
+
+
+class Qwen3DSAForCausalLM(DSAModel, Qwen3ForCausalLM):
+    config_class, attention_class = Qwen3DSAConfig, Qwen3DSAAttention
+
+
+class LlamaDSAForCausalLM(DSAModel, LlamaForCausalLM):
+    config_class, attention_class = LlamaDSAConfig, LlamaDSAAttention
+
+
+class MistralDSAForCausalLM(DSAModel, MistralForCausalLM):
+    config_class, attention_class = MistralDSAConfig, MistralDSAAttention
+
+
+FAMILIES = {  # a dense ForCausalLM class -> its DSA class
+    Qwen2ForCausalLM: Qwen2DSAForCausalLM,
+    Qwen3ForCausalLM: Qwen3DSAForCausalLM,
+    LlamaForCausalLM: LlamaDSAForCausalLM,
+    MistralForCausalLM: MistralDSAForCausalLM,
+}
+for dsa_class in FAMILIES.values():
+    AutoConfig.register(dsa_class.config_class.model_type, dsa_class.config_class)
+    AutoModelForCausalLM.register(dsa_class.config_class, dsa_class)
+
+
+def add_indexers(model: torch.nn.Module, dsa_config: DSAConfig) -> DSAModel:
+    """A DSA model built from a dense model of a supported family (`FAMILIES`): the same base weights (copied
+    unchanged), a fresh lightning indexer in every layer's `self_attn.indexer` (weights_proj in fp32 whatever the
+    model's dtype), mode "sparse", backend "auto". Another model class: a TypeError naming it and the supported ones;
+    a sliding-window layer: a ValueError."""
+    dsa_class = FAMILIES.get(type(model))
+    if dsa_class is None:
+        supported = ", ".join(cls.__name__ for cls in FAMILIES)
+        raise TypeError(f"add_indexers supports {supported}; got {type(model).__name__}")
     if not isinstance(dsa_config, DSAConfig):
         raise TypeError(f"dsa_config must be a dsa.DSAConfig, got {type(dsa_config).__name__}")
     param = next(model.parameters())
     with no_init_weights():  # the base weights are copied below: skip their random init
-        dsa_model = Qwen2DSAForCausalLM._from_config(dsa_config_from(model.config, dsa_config), dtype=param.dtype)
+        config = dsa_config_from(model.config, dsa_class.config_class, dsa_config)
+        dsa_model = dsa_class._from_config(config, dtype=param.dtype)
     dsa_model.to(param.device)
     missing, unexpected = dsa_model.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(".indexer." not in name for name in missing):
@@ -206,8 +295,8 @@ def add_indexers(model: Qwen2ForCausalLM, dsa_config: DSAConfig) -> Qwen2DSAForC
     return dsa_model
 
 
-def dsa_attention_layers(model: torch.nn.Module) -> list[Qwen2DSAAttention]:
-    layers = [m for m in model.modules() if isinstance(m, Qwen2DSAAttention)]
+def dsa_attention_layers(model: torch.nn.Module) -> list[DSAAttention]:
+    layers = [m for m in model.modules() if isinstance(m, DSAAttention)]
     if not layers:
         raise TypeError(f"{type(model).__name__} has no DSA attention layers: build it with dsa.add_indexers")
     return layers
@@ -228,7 +317,7 @@ def set_topk(model: torch.nn.Module, topk: int) -> torch.nn.Module:
         raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
     for layer in dsa_attention_layers(model):
         layer.topk = topk
-    if isinstance(getattr(model, "config", None), Qwen2DSAConfig):
+    if isinstance(getattr(model, "config", None), DSAModelConfig):
         model.config.index_topk = topk
     return model
 
@@ -262,6 +351,3 @@ def set_target_heads(model: torch.nn.Module, heads: str) -> torch.nn.Module:
         layer.target_heads = heads
     return model
 
-
-AutoConfig.register(Qwen2DSAConfig.model_type, Qwen2DSAConfig)
-AutoModelForCausalLM.register(Qwen2DSAConfig, Qwen2DSAForCausalLM)

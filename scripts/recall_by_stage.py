@@ -18,7 +18,7 @@ import matplotlib
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import dsa  # noqa: F401  (registers the qwen2_dsa model type)
+import dsa  # noqa: F401  (registers the DSA model types)
 from dsa.evaluation import RECALL_METHODS, held_out_data, indexer_recall, token_windows
 from dsa.sources import resolve_data
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import dsa
 from dsa.backends import TorchBackend
@@ -401,11 +401,9 @@ def test_bad_config_raises_naming_the_field(kwargs, field):
 
 
 def test_bad_model_and_mode_raise_clear_errors():
-    llama = LlamaForCausalLM(
-        LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    )
-    with pytest.raises(TypeError, match="Qwen2ForCausalLM"):
-        dsa.add_indexers(llama, dsa.DSAConfig())
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    with pytest.raises(TypeError, match="supports Qwen2ForCausalLM, Qwen3ForCausalLM, LlamaForCausalLM, MistralForCausalLM; got GPT2LMHeadModel"):
+        dsa.add_indexers(gpt2, dsa.DSAConfig())
     _, model = dense_and_dsa()
     with pytest.raises(ValueError, match="'fast'"):
         dsa.set_mode(model, "fast")
@@ -414,7 +412,7 @@ def test_bad_model_and_mode_raise_clear_errors():
     with pytest.raises(ValueError, match="'mean'"):
         dsa.set_target_heads(model, "mean")
     with pytest.raises(TypeError, match="add_indexers"):
-        dsa.set_mode(llama, "sparse")
+        dsa.set_mode(gpt2, "sparse")
 
 
 def test_zero_score_ties_go_to_the_most_recent_keys():
