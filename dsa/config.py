@@ -48,6 +48,8 @@ def validate_dsa_fields(index_n_heads, index_head_dim, index_rope_dim, index_top
 class DSAModelConfig:
     """What every <family>DSAConfig adds to its family's config: the check of the DSA fields and `dsa`."""
 
+    model_type = "<family>_dsa"  # what the concrete types set (also what an error message names)
+
     def __post_init__(self, **kwargs):
         validate_dsa_fields(self.index_n_heads, self.index_head_dim, self.index_rope_dim, self.index_topk)
         super().__post_init__(**kwargs)

@@ -237,7 +237,7 @@ def test_bad_input_gives_one_line_errors(base, warmed, tmp_path, capsys, monkeyp
     err = run_cli(warmup_train.main, TINY + out + ["--model", str(warmed), "--index-n-heads", "3"], capsys)
     assert "--index-n-heads 3 differs from" in err and "index_n_heads = 2" in err
     err = run_cli(train.main, TINY + out + ["--model", str(base)], capsys)
-    assert "'qwen2' checkpoint, not 'qwen2_dsa': run warmup_train.py first" in err
+    assert "'qwen2' checkpoint, not '<family>_dsa': run warmup_train.py first" in err
     monkeypatch.setenv("MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS", "1")
     err = run_cli(warmup_train.main, TINY + out + ["--model", "no-such-org/no-such-model"], capsys)
     assert "no-such-org/no-such-model" in err and "--model PATH" in err and "--preset tiny" in err
