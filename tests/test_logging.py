@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import warmup_train
 from dsa.presets import SAMPLES_DIR
 from dsa.tiny import build_tokenizer, tiny_model
-from dsa.train_utils import cli
+from cli_errors import one_line_error
 
 TINY = ["--preset", "tiny", "--seq-len", "128", "--batch-size", "2", "--topk", "16", "--save-every", "0"]
 
@@ -72,19 +72,10 @@ def test_resumed_run_logs_each_step_once(base, tmp_path):
     assert [metrics(out)[step]["loss"] for step in (1, 2)] == [first[step]["loss"] for step in (1, 2)]
 
 
-def run_cli(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli(lambda: warmup_train.main(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ")
-    return err
-
-
 def test_bad_report_to_gives_one_line_errors(tmp_path, capsys, monkeypatch):
     out = TINY + ["--output-dir", str(tmp_path / "out")]
-    err = run_cli(out + ["--report-to", "tensorboard,mlflow"], capsys)
+    err = one_line_error(warmup_train.main, out + ["--report-to", "tensorboard,mlflow"], capsys)
     assert "--report-to: unknown tracker 'mlflow'; choose from tensorboard, wandb, none" in err
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError, installed or not
-    assert "--report-to wandb: wandb is not installed" in run_cli(out + ["--report-to", "wandb"], capsys)
+    assert "--report-to wandb: wandb is not installed" in one_line_error(warmup_train.main, out + ["--report-to", "wandb"], capsys)
     assert not (tmp_path / "out").exists()

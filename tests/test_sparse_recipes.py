@@ -18,7 +18,7 @@ import train
 import warmup_train
 from dsa.distill import distill_losses
 from dsa.tiny import ensure_tiny_base
-from dsa.train_utils import cli
+from cli_errors import one_line_error
 
 TINY = ["--preset", "tiny", "--seq-len", "128", "--batch-size", "2", "--topk", "16", "--save-every", "0"]
 LORA = ["--train-params", "lora", "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-3"]
@@ -256,24 +256,15 @@ def test_lora_output_is_a_plain_checkpoint(warmed, lora_run):
 # ----------------------------------------------------------------------------- bad flags
 
 
-def run_cli(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli(lambda: train.main(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ")
-    return err
-
-
 def test_bad_flags_give_one_line_errors(tmp_path, capsys, monkeypatch):
     out = ["--output-dir", str(tmp_path / "out")]
-    assert "--lm-weight must be >= 0, got -1.0" in run_cli(out + ["--lm-weight", "-1"], capsys)
-    assert "--distill-weight must be >= 0, got -0.5" in run_cli(out + ["--distill-weight", "-0.5"], capsys)
-    assert "--distill-temperature must be > 0, got 0.0" in run_cli(out + ["--distill-temperature", "0"], capsys)
-    assert "--lora-rank must be >= 1, got 0" in run_cli(out + ["--lora-rank", "0"], capsys)
-    assert "--lora-alpha must be >= 1, got -2" in run_cli(out + ["--lora-alpha", "-2"], capsys)
+    assert "--lm-weight must be >= 0, got -1.0" in one_line_error(train.main, out + ["--lm-weight", "-1"], capsys)
+    assert "--distill-weight must be >= 0, got -0.5" in one_line_error(train.main, out + ["--distill-weight", "-0.5"], capsys)
+    assert "--distill-temperature must be > 0, got 0.0" in one_line_error(train.main, out + ["--distill-temperature", "0"], capsys)
+    assert "--lora-rank must be >= 1, got 0" in one_line_error(train.main, out + ["--lora-rank", "0"], capsys)
+    assert "--lora-alpha must be >= 1, got -2" in one_line_error(train.main, out + ["--lora-alpha", "-2"], capsys)
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
-    assert "--train-params lora needs peft" in run_cli(out + ["--train-params", "lora"], capsys)
+    assert "--train-params lora needs peft" in one_line_error(train.main, out + ["--train-params", "lora"], capsys)
     with pytest.raises(SystemExit) as exit_info:  # argparse's choices
         train.main(out + ["--loss", "kl"])
     assert exit_info.value.code == 2 and "invalid choice: 'kl'" in capsys.readouterr().err

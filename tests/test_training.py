@@ -18,7 +18,7 @@ import dsa
 import train
 import warmup_train
 from dsa.tiny import ensure_tiny_base
-from dsa.train_utils import cli
+from cli_errors import one_line_error
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--preset", "tiny", "--seq-len", "128", "--batch-size", "2", "--topk", "16", "--save-every", "0"]
@@ -218,28 +218,19 @@ def test_two_cpu_processes_end_with_equal_weights(warmed, tmp_path):
     assert [row["step"] for row in rows] == [1, 2]
 
 
-def run_cli(main, argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli(lambda: main(argv))
-    assert exit_info.value.code != 0
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ")
-    return err
-
-
 def test_bad_input_gives_one_line_errors(base, warmed, tmp_path, capsys, monkeypatch):
     out = ["--output-dir", str(tmp_path / "out")]
-    assert "missing.jsonl" in run_cli(warmup_train.main, TINY + out + ["--model", str(base), "--data", "missing.jsonl"], capsys)
-    assert "--topk must be >= 1, got 0" in run_cli(warmup_train.main, out + ["--topk", "0"], capsys)
-    assert "--topk must be >= 1, got -3" in run_cli(train.main, out + ["--topk", "-3"], capsys)
-    assert "--keep-checkpoints must be >= 0, got -1" in run_cli(train.main, out + ["--keep-checkpoints", "-1"], capsys)
-    assert "--retrieval-share must be in [0, 1], got 2.0" in run_cli(warmup_train.main, out + ["--retrieval-share", "2"], capsys)
-    err = run_cli(warmup_train.main, TINY + out + ["--model", str(warmed), "--index-n-heads", "3"], capsys)
+    assert "missing.jsonl" in one_line_error(warmup_train.main, TINY + out + ["--model", str(base), "--data", "missing.jsonl"], capsys)
+    assert "--topk must be >= 1, got 0" in one_line_error(warmup_train.main, out + ["--topk", "0"], capsys)
+    assert "--topk must be >= 1, got -3" in one_line_error(train.main, out + ["--topk", "-3"], capsys)
+    assert "--keep-checkpoints must be >= 0, got -1" in one_line_error(train.main, out + ["--keep-checkpoints", "-1"], capsys)
+    assert "--retrieval-share must be in [0, 1], got 2.0" in one_line_error(warmup_train.main, out + ["--retrieval-share", "2"], capsys)
+    err = one_line_error(warmup_train.main, TINY + out + ["--model", str(warmed), "--index-n-heads", "3"], capsys)
     assert "--index-n-heads 3 differs from" in err and "index_n_heads = 2" in err
-    err = run_cli(train.main, TINY + out + ["--model", str(base)], capsys)
+    err = one_line_error(train.main, TINY + out + ["--model", str(base)], capsys)
     assert "'qwen2' checkpoint, not '<family>_dsa': run warmup_train.py first" in err
     monkeypatch.setenv("MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS", "1")
-    err = run_cli(warmup_train.main, TINY + out + ["--model", "no-such-org/no-such-model"], capsys)
+    err = one_line_error(warmup_train.main, TINY + out + ["--model", "no-such-org/no-such-model"], capsys)
     assert "no-such-org/no-such-model" in err and "--model PATH" in err and "--preset tiny" in err
 
 
