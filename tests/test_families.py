@@ -1,5 +1,6 @@
 """DSA on every supported family (Qwen2, Qwen3 with its q/k norms, Llama with llama3 rope scaling, Mistral), each on a
-tiny random config built here: the same contracts as tests/test_dsa.py checks in depth for Qwen2, per family.
+tiny random config built here: the model-level contracts per family (causality, cached decode and generate are
+checked only here, Qwen2 included; tests/test_dsa.py goes deeper into Qwen2).
 
 The naive layer below is independent of dsa/: the family's projections, norms and RoPE tables are read from the stock
 modules, everything DSA (index scores, top-k with ties to the most recent key, sparse attention per head, the
@@ -169,6 +170,7 @@ def test_cached_decode_and_generate_equal_the_full_forward(family, backend):
             out = model(x[:, t : t + 1], cache=cache, use_cache=True)
             cache, steps = out.cache, steps + [out.logits]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    assert cache.layers[0].indexer_keys.shape == (2, 20, 16)  # every token's indexer key, d_I = 16
 
     prompt = tokens(1, 12, seed=5)
     generated = model.generate(prompt, max_new_tokens=8, do_sample=False)
