@@ -210,7 +210,7 @@ def run_training(
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.lr_warmup, args.max_steps)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     accelerator.register_for_checkpointing(scheduler)
