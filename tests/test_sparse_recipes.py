@@ -224,6 +224,18 @@ def test_stopped_run_resumes_to_the_same_weights(warmed, recipe, request, tmp_pa
     assert [row["loss"] for row in metrics(tmp_path)] == [row["loss"] for row in metrics(reference)]
 
 
+@pytest.mark.parametrize("recipe", ["distill_run", "lora_run"])
+def test_gradient_checkpointing_reaches_the_same_weights(warmed, recipe, request, tmp_path):
+    """--gradient-checkpointing recomputes activations in the backward; the run (LoRA through peft included) must end
+    where the run without it ends."""
+    flags, reference = request.getfixturevalue(recipe)
+    train.main(sparse_flags(warmed, tmp_path, *flags, "--gradient-checkpointing"))
+    expected, got = weights(reference), weights(tmp_path)
+    assert got.keys() == expected.keys() and changed(weights(warmed), got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 # ----------------------------------------------------------------------------- which weights train
 
 
