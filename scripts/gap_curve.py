@@ -8,6 +8,12 @@ compare.py results (each point one compare.py output directory: `--only perplexi
 A point is RECIPE:TOKENS:DIR, TOKENS the training tokens the checkpoint has seen (warm-up and later stages
 together). The gap is compare.py's paired per-window perplexity ratio DSA / dense - 1 with its 95% interval
 (dsa/stats.py); recall is the indexer's recall of the true top-k attention at the largest length measured.
+
+The second table extrapolates each recipe from its last two points: the change of the gap between them, paired per
+window (compare.py picks the same windows for the same --data, length and --ppl-windows), with its 95% interval,
+and, where the gap falls measurably, the training tokens at which that straight line reaches --target (a linear
+extrapolation: optimistic where the curve flattens). Where the change's interval holds 0 the recipe has plateaued
+and nothing is extrapolated.
 """
 
 import argparse
@@ -20,6 +26,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dsa.stats import mean_interval  # noqa: E402
+
 
 def parse_point(text: str) -> tuple[str, int, Path]:
     recipe, tokens, directory = text.rsplit(":", 2)
@@ -27,7 +36,8 @@ def parse_point(text: str) -> tuple[str, int, Path]:
 
 
 def read_point(recipe: str, tokens: int, directory: Path, length: int) -> list[dict]:
-    """One row per k: recipe, tokens, k, L/k, gap {mean, ci_low, ci_high, n}, recall {..} or None."""
+    """One row per k: recipe, tokens, k, L/k, gap {mean, ci_low, ci_high, n}, per-window gaps (or None), recall {..}
+    or None."""
     results = json.loads((directory / "results.json").read_text())
     ppl, recall = results["perplexity"], results.get("recall") or {}
     if length not in ppl["lengths"]:
@@ -36,7 +46,11 @@ def read_point(recipe: str, tokens: int, directory: Path, length: int) -> list[d
     rows = []
     for k, gaps in sorted(ppl["dsa_vs_dense"].items(), key=lambda item: int(item[0])):
         rec = recall.get("mean", {}).get(k, {}).get("indexer") if recall.get("length") == length else None
-        rows.append({"recipe": recipe, "tokens": tokens, "k": int(k), "L/k": length // int(k), "gap": gaps[at], "recall": rec})
+        windows = ppl.get("per_window")
+        per_window = None if windows is None else [
+            dsa / dense - 1 for dsa, dense in zip(windows["dsa"][k][at], windows["dense"][at])]
+        rows.append({"recipe": recipe, "tokens": tokens, "k": int(k), "L/k": length // int(k), "gap": gaps[at],
+                     "per_window": per_window, "recall": rec})
     return rows
 
 
@@ -50,6 +64,35 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         rec = "" if r["recall"] is None else f"{r['recall']['mean']:.3f} [{r['recall']['ci_low']:.3f}, {r['recall']['ci_high']:.3f}]"
         lines.append(f"| {r['recipe']} | {r['tokens']:,} | {r['k']} | {r['L/k']} | {percent(r['gap'])} | {rec} |")
+    return "\n".join(lines)
+
+
+def extrapolation(rows: list[dict], target: float) -> str:
+    """Per recipe and k, from its last two points A -> B (tokens t_A < t_B, per-window gaps a_i, b_i): the change
+    mean(b_i - a_i) with its t interval, and where the interval lies below 0 and the gap is above `target`, the
+    tokens t_B + (gap_B - target) * (t_B - t_A) / -change for the change's mean and for both ends of its interval."""
+    lines = [f"| recipe | k | tokens A -> B | change in gap (paired 95%) | tokens to reach {100 * target:+.0f}% at this rate |",
+             "|---|---|---|---|---|"]
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        for k in sorted({r["k"] for r in rows if r["recipe"] == recipe}):
+            points = sorted((r for r in rows if r["recipe"] == recipe and r["k"] == k), key=lambda r: r["tokens"])
+            if len(points) < 2:
+                continue
+            a, b = points[-2:]
+            span = f"{a['tokens']:,} -> {b['tokens']:,}"
+            if a["per_window"] is None or b["per_window"] is None or len(a["per_window"]) != len(b["per_window"]):
+                lines.append(f"| {recipe} | {k} | {span} | no per-window gaps to pair | |")
+                continue
+            change = mean_interval([y - x for x, y in zip(a["per_window"], b["per_window"])])
+            gap, dt = b["gap"]["mean"], b["tokens"] - a["tokens"]
+            if gap <= target:
+                reach = "reached"
+            elif change["ci_high"] is None or change["ci_high"] >= 0:
+                reach = "no measurable change: plateau, no extrapolation"
+            else:
+                at = [b["tokens"] + (gap - target) * dt / -c for c in (change["mean"], change["ci_low"], change["ci_high"])]
+                reach = f"{at[0]:,.0f} [{at[1]:,.0f}, {at[2]:,.0f}]"
+            lines.append(f"| {recipe} | {k} | {span} | {percent(change).replace('%', ' points')} | {reach} |")
     return "\n".join(lines)
 
 
@@ -79,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--point", action="append", required=True, help="RECIPE:TOKENS:DIR (repeat)")
     parser.add_argument("--length", type=int, default=4096, help="sequence length of the gap")
     parser.add_argument("--png", type=Path, required=True)
+    parser.add_argument("--target", type=float, default=0.03, help="the gap to extrapolate to (0.03 = +3%%)")
     args = parser.parse_args(argv)
     rows = []
     for text in args.point:
@@ -88,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         except (ValueError, OSError, KeyError) as e:
             sys.exit(f"error: --point {text!r}: {e}")
     print(table(rows))
+    print()
+    print(extrapolation(rows, args.target))
     plot(rows, args.length, args.png)
 
 

@@ -48,3 +48,34 @@ def test_bad_points_give_one_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             gap_curve.main(["--point", point, "--length", "8192" if "8192" in message else "4096", "--png", str(tmp_path / "p.png")])
         assert message in str(e.value) and point in str(e.value) and "\n" not in str(e.value)
+
+
+def write_windows(directory: Path, gaps: dict[str, list[float]]) -> Path:
+    """compare.py's results at 4096 with per-window perplexities: dense 10, 20, 40; DSA dense * (1 + gap_i)."""
+    dense = [10.0, 20.0, 40.0]
+    directory.mkdir(parents=True)
+    mean = {k: sum(g) / len(g) for k, g in gaps.items()}
+    results = {"perplexity": {
+        "lengths": [4096],
+        "dsa_vs_dense": {k: [figure(mean[k], mean[k] - 0.01, mean[k] + 0.01, 3)] for k in gaps},
+        "per_window": {"dense": [dense], "dsa": {k: [[d * (1 + x) for d, x in zip(dense, g)]] for k, g in gaps.items()}},
+    }}
+    (directory / "results.json").write_text(json.dumps(results))
+    return directory
+
+
+def test_extrapolation_pairs_the_last_two_points_per_window(tmp_path, capsys):
+    a = write_windows(tmp_path / "a", {"128": [0.24, 0.25, 0.26], "256": [0.10, 0.12, 0.11]})
+    b = write_windows(tmp_path / "b", {"128": [0.05, 0.04, 0.06], "256": [0.11, 0.11, 0.11]})
+    c = write_windows(tmp_path / "c", {"128": [0.5, 0.5, 0.5], "256": [0.02, 0.02, 0.02]})
+    gap_curve.main(["--point", f"r:1000:{a}", "--point", f"r:3000:{b}", "--point", f"one:5:{c}",
+                    "--length", "4096", "--png", str(tmp_path / "p.png")])
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[1]: line for line in out.splitlines() if line.startswith("| r | ") and "->" in line}
+    # k = 128: changes -0.19, -0.21, -0.20: mean -0.2, sd 0.01, t_2 = 4.303 -> [-0.2248, -0.1752];
+    # +3% at 3000 + (0.05 - 0.03) * 2000 / 0.2 = 3200, and at 3000 + 40 / 0.2248 = 3178, 3000 + 40 / 0.1752 = 3228
+    assert rows["128"] == "| r | 128 | 1,000 -> 3,000 | -20.0 points [-22.5, -17.5]* | 3,200 [3,178, 3,228] |"
+    # k = 256: changes +0.01, -0.01, 0.00: the interval holds 0
+    assert rows["256"] == ("| r | 256 | 1,000 -> 3,000 | +0.0 points [-2.5, +2.5] "
+                           "| no measurable change: plateau, no extrapolation |")
+    assert "| one |" not in out.split("tokens A -> B")[1]  # one point: nothing to extrapolate
