@@ -9,6 +9,10 @@ A point is RECIPE:TOKENS:DIR, TOKENS the training tokens the checkpoint has seen
 together). The gap is compare.py's paired per-window perplexity ratio DSA / dense - 1 with its 95% interval
 (dsa/stats.py); recall is the indexer's recall of the true top-k attention at the largest length measured.
 
+--dense-from DIR takes the dense side of every point from DIR's per-window perplexities (the compare.py output of
+the dense model the recipes start from): a sparse stage that trains the base weights is then measured against that
+original dense model, not against its own dense mode (the warm-up freezes the base, so its points do not change).
+
 The second table extrapolates each recipe from its last two points: the change of the gap between them, paired per
 window (compare.py picks the same windows for the same --data, length and --ppl-windows), with its 95% interval,
 and, where the gap falls measurably, the training tokens at which that straight line reaches --target (a linear
@@ -27,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dsa.stats import mean_interval  # noqa: E402
+from dsa.stats import mean_interval, paired_relative_difference  # noqa: E402
 
 
 def parse_point(text: str) -> tuple[str, int, Path]:
@@ -35,21 +39,39 @@ def parse_point(text: str) -> tuple[str, int, Path]:
     return recipe, int(tokens), Path(directory)
 
 
-def read_point(recipe: str, tokens: int, directory: Path, length: int) -> list[dict]:
-    """One row per k: recipe, tokens, k, L/k, gap {mean, ci_low, ci_high, n}, per-window gaps (or None), recall {..}
-    or None."""
+def read_results(directory: Path, length: int) -> tuple[dict, int, dict]:
+    """(compare.py's perplexity results, the index of `length` in them, its recall results)."""
     results = json.loads((directory / "results.json").read_text())
-    ppl, recall = results["perplexity"], results.get("recall") or {}
+    ppl = results["perplexity"]
     if length not in ppl["lengths"]:
         raise ValueError(f"{directory}: no perplexity at length {length} (has {ppl['lengths']})")
-    at = ppl["lengths"].index(length)
+    return ppl, ppl["lengths"].index(length), results.get("recall") or {}
+
+
+def dense_windows(directory: Path, length: int) -> list[float]:
+    """The dense per-window perplexities at `length` of one compare.py output (for --dense-from)."""
+    ppl, at, _ = read_results(directory, length)
+    if "per_window" not in ppl:
+        raise ValueError(f"{directory}: no per-window perplexities")
+    return ppl["per_window"]["dense"][at]
+
+
+def read_point(recipe: str, tokens: int, directory: Path, length: int, dense: list[float] | None = None) -> list[dict]:
+    """One row per k: recipe, tokens, k, L/k, gap {mean, ci_low, ci_high, n}, per-window gaps (or None), recall {..}
+    or None. With `dense` (per-window perplexities of the same windows) the gap is DSA vs those, paired per window."""
+    ppl, at, recall = read_results(directory, length)
+    windows = ppl.get("per_window")
+    if dense is not None and windows is None:
+        raise ValueError(f"{directory}: no per-window perplexities to pair with --dense-from")
+    if dense is not None and len(dense) != len(windows["dense"][at]):
+        raise ValueError(f"{directory}: {len(windows['dense'][at])} windows, --dense-from has {len(dense)}")
     rows = []
     for k, gaps in sorted(ppl["dsa_vs_dense"].items(), key=lambda item: int(item[0])):
         rec = recall.get("mean", {}).get(k, {}).get("indexer") if recall.get("length") == length else None
-        windows = ppl.get("per_window")
-        per_window = None if windows is None else [
-            dsa / dense - 1 for dsa, dense in zip(windows["dsa"][k][at], windows["dense"][at])]
-        rows.append({"recipe": recipe, "tokens": tokens, "k": int(k), "L/k": length // int(k), "gap": gaps[at],
+        baseline = None if windows is None else (dense or windows["dense"][at])
+        per_window = None if windows is None else [dsa / base - 1 for dsa, base in zip(windows["dsa"][k][at], baseline)]
+        gap = gaps[at] if dense is None else paired_relative_difference(windows["dsa"][k][at], dense)
+        rows.append({"recipe": recipe, "tokens": tokens, "k": int(k), "L/k": length // int(k), "gap": gap,
                      "per_window": per_window, "recall": rec})
     return rows
 
@@ -123,12 +145,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--length", type=int, default=4096, help="sequence length of the gap")
     parser.add_argument("--png", type=Path, required=True)
     parser.add_argument("--target", type=float, default=0.03, help="the gap to extrapolate to (0.03 = +3%%)")
+    parser.add_argument("--dense-from", type=Path, help="compare.py output whose dense per-window perplexities are the "
+                        "dense side of every point (the model the recipes start from)")
     args = parser.parse_args(argv)
+    try:
+        dense = None if args.dense_from is None else dense_windows(args.dense_from, args.length)
+    except (ValueError, OSError, KeyError) as e:
+        sys.exit(f"error: --dense-from {str(args.dense_from)!r}: {e}")
     rows = []
     for text in args.point:
         try:
             recipe, tokens, directory = parse_point(text)
-            rows += read_point(recipe, tokens, directory, args.length)
+            rows += read_point(recipe, tokens, directory, args.length, dense)
         except (ValueError, OSError, KeyError) as e:
             sys.exit(f"error: --point {text!r}: {e}")
     print(table(rows))

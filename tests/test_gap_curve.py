@@ -52,8 +52,8 @@ def test_bad_points_give_one_line(tmp_path):
 
 def write_windows(directory: Path, gaps: dict[str, list[float]]) -> Path:
     """compare.py's results at 4096 with per-window perplexities: dense 10, 20, 40; DSA dense * (1 + gap_i)."""
-    dense = [10.0, 20.0, 40.0]
     directory.mkdir(parents=True)
+    dense = [10.0, 20.0, 40.0][:len(next(iter(gaps.values())))]
     mean = {k: sum(g) / len(g) for k, g in gaps.items()}
     results = {"perplexity": {
         "lengths": [4096],
@@ -79,3 +79,29 @@ def test_extrapolation_pairs_the_last_two_points_per_window(tmp_path, capsys):
     assert rows["256"] == ("| r | 256 | 1,000 -> 3,000 | +0.0 points [-2.5, +2.5] "
                            "| no measurable change: plateau, no extrapolation |")
     assert "| one |" not in out.split("tokens A -> B")[1]  # one point: nothing to extrapolate
+
+
+def test_dense_from_pairs_every_point_with_the_original_dense_windows(tmp_path, capsys):
+    """A point whose own dense mode drifted: --dense-from measures its DSA against the original dense windows."""
+    start = write_windows(tmp_path / "start", {"128": [0.1, 0.1, 0.1]})  # dense 10, 20, 40
+    drifted = tmp_path / "drifted"
+    write_windows(drifted, {"128": [0.0, 0.0, 0.0]})
+    results = json.loads((drifted / "results.json").read_text())
+    results["perplexity"]["per_window"]["dense"] = [[11.0, 22.0, 44.0]]  # DSA = its own dense = 1.1 x the original
+    results["perplexity"]["per_window"]["dsa"]["128"] = [[11.0, 22.0, 44.0]]
+    (drifted / "results.json").write_text(json.dumps(results))
+    args = ["--point", f"r:1:{start}", "--point", f"r:2:{drifted}", "--length", "4096", "--png", str(tmp_path / "p.png")]
+    gap_curve.main(args)
+    assert "| r | 2 | 128 | 32 | +0.0% [-1.0, +1.0] |" in capsys.readouterr().out  # against its own dense mode
+    gap_curve.main(args + ["--dense-from", str(start)])
+    out = capsys.readouterr().out
+    assert "| r | 2 | 128 | 32 | +10.0% [+10.0, +10.0]* |" in out  # against the original dense windows
+    assert "| r | 128 | 1 -> 2 | +0.0 points [+0.0, +0.0] |" in out
+
+    short = write_windows(tmp_path / "short", {"128": [0.1]})
+    with pytest.raises(SystemExit) as e:
+        gap_curve.main(args + ["--dense-from", str(short)])
+    assert "3 windows, --dense-from has 1" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        gap_curve.main(args + ["--dense-from", str(tmp_path / "missing")])
+    assert "--dense-from" in str(e.value) and "missing" in str(e.value) and "\n" not in str(e.value)
