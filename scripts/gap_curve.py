@@ -108,7 +108,7 @@ def extrapolation(rows: list[dict], target: float) -> str:
             change = mean_interval([y - x for x, y in zip(a["per_window"], b["per_window"])])
             gap, dt = b["gap"]["mean"], b["tokens"] - a["tokens"]
             if gap <= target:
-                reach = "reached"
+                reach = f"the gap's mean is already <= {100 * target:+.0f}%"
             elif change["ci_high"] is None or change["ci_high"] >= 0:
                 reach = "no measurable change: plateau, no extrapolation"
             else:

@@ -80,6 +80,10 @@ def test_extrapolation_pairs_the_last_two_points_per_window(tmp_path, capsys):
                            "| no measurable change: plateau, no extrapolation |")
     assert "| one |" not in out.split("tokens A -> B")[1]  # one point: nothing to extrapolate
 
+    gap_curve.main(["--point", f"r:1000:{a}", "--point", f"r:3000:{b}", "--target", "0.06", "--length", "4096",
+                    "--png", str(tmp_path / "p.png")])
+    assert "| r | 128 | 1,000 -> 3,000 | -20.0 points [-22.5, -17.5]* | the gap's mean is already <= +6% |" in capsys.readouterr().out
+
 
 def test_dense_from_pairs_every_point_with_the_original_dense_windows(tmp_path, capsys):
     """A point whose own dense mode drifted: --dense-from measures its DSA against the original dense windows."""
