@@ -39,11 +39,13 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import parse_flag_from_env
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
@@ -236,44 +238,44 @@ def run_training(
     resumed = {"tensorboard": {"purge_step": step + 1}} if latest is not None else {}  # hide the old run's later steps
     accelerator.init_trackers(out.resolve().name, config=hyperparameters, init_kwargs=resumed)
 
-    progress = tqdm(total=args.max_steps, initial=step, disable=not main, desc=out.name, dynamic_ncols=True)
-    sums, micro, tokens, running, t0 = {}, 0, 0, None, time.perf_counter()
-    for batch in dataloader:
-        if step >= args.max_steps:
-            break
-        with accelerator.accumulate(model):
-            loss, metrics = loss_fn(model, batch)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:  # the prepared model's parameters: FSDP clips its sharded ones, DeepSpeed
-                accelerator.clip_grad_norm_(model.parameters(), 1.0)  # by its config (frozen ones have no gradient)
-            optimizer.step()
-            optimizer.zero_grad()
-        for name, value in {"loss": loss.item(), **metrics}.items():
-            sums[name] = sums.get(name, 0.0) + value
-        micro, tokens = micro + 1, tokens + batch_tokens(batch)
-        if not accelerator.sync_gradients:
-            continue
+    with tqdm(total=args.max_steps, initial=step, disable=not main, desc=out.name, dynamic_ncols=True) as progress:
+        sums, micro, tokens, running, t0 = {}, 0, 0, None, time.perf_counter()
+        for batch in dataloader:
+            if step >= args.max_steps:
+                break
+            with accelerator.accumulate(model):
+                loss, metrics = loss_fn(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:  # the prepared model's parameters: FSDP clips its sharded ones,
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)  # DeepSpeed by its config (frozen: no grad)
+                optimizer.step()
+                optimizer.zero_grad()
+            for name, value in {"loss": loss.item(), **metrics}.items():
+                sums[name] = sums.get(name, 0.0) + value
+            micro, tokens = micro + 1, tokens + batch_tokens(batch)
+            if not accelerator.sync_gradients:
+                continue
 
-        step += 1
-        values = accelerator.reduce(torch.tensor([v / micro for v in sums.values()], device=accelerator.device), "mean")
-        row = {"step": step, **dict(zip(sums, values.tolist()))}
-        for i, group in enumerate(optimizer.param_groups):  # the learning rates this step used
-            row["lr" if i == 0 else f"lr_{group.get('name', i)}"] = group["lr"]
-        scheduler.step()
-        now = time.perf_counter()
-        row["tokens_per_s"] = tokens * accelerator.num_processes / (now - t0)
-        sums, micro, tokens, t0 = {}, 0, 0, now
-        if main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
-            running = row["loss"] if running is None else 0.9 * running + 0.1 * row["loss"]
-            progress.set_postfix(loss=f"{running:.4f}")
-            progress.update(1)
-        if args.save_every and step % args.save_every == 0:
-            save_checkpoint(accelerator, checkpoints, step, batches=step * args.grad_accum, keep=args.keep_checkpoints,
-                            extras=(accelerator.unwrap_model(model).config, tokenizer))
-    progress.close()
+            step += 1
+            means = torch.tensor([v / micro for v in sums.values()], device=accelerator.device)
+            values = accelerator.reduce(means, "mean")
+            row = {"step": step, **dict(zip(sums, values.tolist()))}
+            for i, group in enumerate(optimizer.param_groups):  # the learning rates this step used
+                row["lr" if i == 0 else f"lr_{group.get('name', i)}"] = group["lr"]
+            scheduler.step()
+            now = time.perf_counter()
+            row["tokens_per_s"] = tokens * accelerator.num_processes / (now - t0)
+            sums, micro, tokens, t0 = {}, 0, 0, now
+            if main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+                running = row["loss"] if running is None else 0.9 * running + 0.1 * row["loss"]
+                progress.set_postfix(loss=f"{running:.4f}")
+                progress.update(1)
+            if args.save_every and step % args.save_every == 0:
+                save_checkpoint(accelerator, checkpoints, step, batches=step * args.grad_accum,
+                                keep=args.keep_checkpoints, extras=(accelerator.unwrap_model(model).config, tokenizer))
     for tracker in accelerator.trackers:  # not accelerator.end_training(): it would also end the process group,
         tracker.finish()  # which the final save below and a caller's later stages (pipeline, tests) still use
 
@@ -282,9 +284,10 @@ def run_training(
     if save_dtype is not None:
         unwrapped.to(save_dtype)
     state_dict = accelerator.get_state_dict(model)
-    unwrapped.save_pretrained(out, state_dict=state_dict, is_main_process=main, save_function=accelerator.save)
-    if main:
-        tokenizer.save_pretrained(out)
+    with explained_write_errors(out, checkpoints):
+        unwrapped.save_pretrained(out, state_dict=state_dict, is_main_process=main, save_function=accelerator.save)
+        if main:
+            tokenizer.save_pretrained(out)
         skipped = getattr(train_dataloader.dataset, "skipped", None)
         if skipped is not None:
             print(f"skipped {skipped} malformed lines")
@@ -298,21 +301,36 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+@contextmanager
+def explained_write_errors(path: Path, checkpoints: Path):
+    """An OSError or SafetensorError (a full disk) while writing `path` becomes a UsageError: one line naming the path,
+    the reason and the latest complete checkpoint, which --resume continues from."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        latest = latest_checkpoint(checkpoints)
+        raise UsageError(f"cannot write {path}: {str(e).splitlines()[0]}; the latest complete checkpoint is "
+                         f"{latest or 'none'} (--resume continues from it)") from None
+
+
 def save_checkpoint(accelerator: Accelerator, checkpoints: Path, step: int, batches: int, keep: int = 1,
                     extras: tuple = ()) -> None:
     """accelerate state + progress.json (step, micro-batches consumed per process) + each of `extras` (objects
     with save_pretrained: the model config, the tokenizer) into tmp-step-N, renamed to step-N once complete;
-    then all but the `keep` latest complete checkpoints are removed (keep 0: none)."""
+    then all but the `keep` latest complete checkpoints are removed (keep 0: none). A failed write (a full disk)
+    is a one-line error (explained_write_errors); the complete checkpoints stay."""
     tmp, final = checkpoints / f"tmp-step-{step}", checkpoints / f"step-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    with explained_write_errors(tmp, checkpoints):
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for extra in extras:
+                extra.save_pretrained(tmp)
+            (tmp / "progress.json").write_text(json.dumps({"step": step, "batches": batches}) + "\n")
     if accelerator.is_main_process:
-        for extra in extras:
-            extra.save_pretrained(tmp)
-        (tmp / "progress.json").write_text(json.dumps({"step": step, "batches": batches}) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         done = sorted(checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))

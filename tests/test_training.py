@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,6 +19,7 @@ import dsa
 import train
 import warmup_train
 from dsa.tiny import ensure_tiny_base
+from dsa.train_utils import cli
 from cli_errors import one_line_error
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,6 +163,35 @@ def test_killed_run_resumes_to_the_same_weights(warmed, sparse_run, tmp_path):
     for name, tensor in reference.items():
         assert torch.equal(resumed[name], tensor), name
     assert [row["loss"] for row in metrics(tmp_path)] == [row["loss"] for row in metrics(sparse_run)]
+
+
+def test_failed_checkpoint_write_is_one_line_and_resumes(warmed, sparse_run, tmp_path, capsys, monkeypatch):
+    """A full disk at the step-6 checkpoint: one line naming it and the step-3 checkpoint, no half-written step-6
+    taken for complete; after --resume the run ends where the uninterrupted one does."""
+    flags = sparse_flags(warmed) + ["--output-dir", str(tmp_path)]
+    save_state = Accelerator.save_state
+
+    def disk_full_at_step_6(self, output_dir=None, **kwargs):
+        if output_dir.endswith("tmp-step-6"):
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            raise OSError(28, "No space left on device")
+        return save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", disk_full_at_step_6)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(lambda: train.main(flags))
+    stderr = capsys.readouterr().err  # the progress bar, then the error line
+    err = stderr.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "Traceback" not in stderr and err.startswith("error: cannot write ")
+    assert "tmp-step-6: [Errno 28] No space left on device" in err and err.endswith("step-3 (--resume continues from it)")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-3", "tmp-step-6"]
+    assert not (tmp_path / "model.safetensors").exists()
+
+    monkeypatch.undo()
+    train.main(flags + ["--resume"])
+    reference, resumed = weights(sparse_run), weights(tmp_path)
+    for name, tensor in reference.items():
+        assert torch.equal(resumed[name], tensor), name
 
 
 def test_kept_checkpoints_load_as_models(warmed, tmp_path):
