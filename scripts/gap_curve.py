@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dsa.stats import mean_interval, paired_relative_difference  # noqa: E402
+from dsa.stats import mean_interval  # noqa: E402
 
 
 def parse_point(text: str) -> tuple[str, int, Path]:
@@ -65,12 +65,12 @@ def read_point(recipe: str, tokens: int, directory: Path, length: int, dense: li
         raise ValueError(f"{directory}: no per-window perplexities to pair with --dense-from")
     if dense is not None and len(dense) != len(windows["dense"][at]):
         raise ValueError(f"{directory}: {len(windows['dense'][at])} windows, --dense-from has {len(dense)}")
+    baseline = dense or (windows["dense"][at] if windows else None)
     rows = []
     for k, gaps in sorted(ppl["dsa_vs_dense"].items(), key=lambda item: int(item[0])):
         rec = recall.get("mean", {}).get(k, {}).get("indexer") if recall.get("length") == length else None
-        baseline = None if windows is None else (dense or windows["dense"][at])
         per_window = None if windows is None else [dsa / base - 1 for dsa, base in zip(windows["dsa"][k][at], baseline)]
-        gap = gaps[at] if dense is None else paired_relative_difference(windows["dsa"][k][at], dense)
+        gap = gaps[at] if dense is None else mean_interval(per_window)  # compare.py's paired interval, re-paired
         rows.append({"recipe": recipe, "tokens": tokens, "k": int(k), "L/k": length // int(k), "gap": gap,
                      "per_window": per_window, "recall": rec})
     return rows
