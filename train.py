@@ -46,7 +46,7 @@ LORA_TARGETS = ATTENTION + ("gate_proj", "up_proj", "down_proj")  # --train-para
 
 def sparse_loss(model, batch):
     """--loss lm: LM loss (assistant tokens) + indexer KL; the two reach disjoint parameters."""
-    out = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False)
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"], indexer_row_weight=batch.get("indexer_weight"), use_cache=False)
     return out.loss + out.indexer_loss, {"lm_loss": out.loss.item(), "kl": out.indexer_loss.item()}
 
 
@@ -59,7 +59,8 @@ def distill_loss(model, batch, teacher, args, autocast):
         with torch.no_grad():  # hidden_states[-1]: after the final norm (the lm_head's input); logits: last position only
             teacher_hidden = teacher(input_ids=ids, use_cache=False, output_hidden_states=True,
                                      logits_to_keep=1).hidden_states[-1]
-        out = model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        out = model(input_ids=ids, indexer_row_weight=batch.get("indexer_weight"), use_cache=False, output_hidden_states=True,
+                    logits_to_keep=1)
         head = extract_model_from_parallel(model).lm_head.weight
         kl, lm = distill_losses(out.hidden_states[-1], head, teacher_hidden, teacher.lm_head.weight, batch["labels"],
                                 args.distill_temperature)
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
         loss_fn = partial(distill_loss, teacher=teacher, args=args, autocast=accelerator.autocast)
     lora = add_lora(model, args) if args.train_params == "lora" else None
     groups = param_groups(model, args)
-    windows = training_windows(paths, tokenizer, args.seq_len, args.retrieval_share, args.retrieval_pairs, args.seed)
+    windows = training_windows(paths, tokenizer, args.seq_len, args.retrieval_share, args.retrieval_pairs, args.seed,
+                               args.retrieval_weight)
     loader = torch.utils.data.DataLoader(windows, batch_size=args.batch_size)
     model = run_training(args, model, groups, loader, loss_fn, tokenizer, accelerator,
                          save_dtype=saved_dtype if lora is None else None)

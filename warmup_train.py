@@ -22,7 +22,7 @@ from dsa.train_utils import cli, common_parser, load_model, parse_args, run_trai
 
 def warmup_loss(model, batch):
     """The indexer KL (mean over query tokens and layers); logits of the last position only (unused)."""
-    out = model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1)
+    out = model(input_ids=batch["input_ids"], indexer_row_weight=batch.get("indexer_weight"), use_cache=False, logits_to_keep=1)
     return out.indexer_loss, {"kl": out.indexer_loss.item()}
 
 
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     dsa.set_mode(model, "warmup")
     dsa.set_target_heads(model, args.target_heads)
 
-    windows = training_windows(paths, tokenizer, args.seq_len, args.retrieval_share, args.retrieval_pairs, args.seed)
+    windows = training_windows(paths, tokenizer, args.seq_len, args.retrieval_share, args.retrieval_pairs, args.seed,
+                               args.retrieval_weight)
     loader = torch.utils.data.DataLoader(windows, batch_size=args.batch_size)
     groups = [{"params": indexer, "lr": args.lr, "name": "indexer"}]
     return run_training(args, model, groups, loader, warmup_loss, tokenizer, save_dtype=saved_dtype)

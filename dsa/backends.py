@@ -96,8 +96,9 @@ class TorchBackend(Backend):
     def dense(self, q, k, v, allowed, scaling):
         return dense_attention(q, k, v, allowed, scaling)
 
-    def warmup_loss(self, q, k, q_I, k_I, w_I, query_pos, key_padding, scaling, heads="sum"):
-        return WarmupLoss.apply(q_I, k_I, w_I, q.detach(), k.detach(), query_pos, key_padding, scaling, self.chunk_elements, heads)
+    def warmup_loss(self, q, k, q_I, k_I, w_I, query_pos, key_padding, scaling, heads="sum", row_weight=None):
+        return WarmupLoss.apply(q_I, k_I, w_I, q.detach(), k.detach(), query_pos, key_padding, scaling, self.chunk_elements, heads,
+                                row_weight)
 
 
 class CpuBackend(TorchBackend):

@@ -248,7 +248,12 @@ def sparse_attention(q, k, v, selected, valid, scaling: float) -> torch.Tensor:
 #     p[t, s] = sum_h softmax_{s in R_t}(q_h[t] . k_h[s] * scaling)  /  (its sum over s)
 #     KL_t    = sum_{s in R_t} p[t, s] * (log p[t, s] - log softmax_{s in R_t}(I[t, s]))
 #
-#    Keys outside R_t contribute exactly 0; the loss is the mean of KL_t over the real query rows.
+#    Keys outside R_t contribute exactly 0; the loss is the mean of KL_t over the real query rows, weighted:
+#
+#     loss    = sum_t c_t KL_t / sum_t c_t,   c_t = [t is a real token] * row_weight[t]   (row_weight 1: the paper)
+#
+#    A row weight above 1 (beyond the paper, a training variant) makes chosen rows count more, e.g. the questions
+#    of the synthetic retrieval windows (dsa/data.py), a few dozen rows among thousands.
 #    `heads` = "sum" is the paper's target above. "max" (beyond the paper, a training variant) replaces the sum over
 #    heads by the max over heads before normalising: a key that one head attends strongly (a retrieval head) keeps
 #    its weight instead of being diluted by the heads that look elsewhere.
@@ -301,11 +306,12 @@ def sparse_kl(q, k, q_I, k_I, w_I, selected, valid, scaling: float, heads: str =
     return kl_rows(target, masked_log_softmax(selected_index_scores(q_I, k_I, w_I, selected), valid))
 
 
-def query_rows(query_pos: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
-    """Which query rows count in the loss mean: the real tokens. B|1, T bool."""
-    if key_padding is None:
-        return torch.ones(1, len(query_pos), dtype=torch.bool, device=query_pos.device)
-    return key_padding[:, query_pos]
+def query_rows(query_pos: torch.Tensor, key_padding: torch.Tensor | None, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight c_t of each query row in the loss mean: 1 for a real token, 0 for padding, times row_weight[t]
+    when given (B, T: one per query row, each >= 1, so that the mean's denominator clamp at 1 touches only an
+    all-padding input). B|1, T float."""
+    real = torch.ones(1, len(query_pos), device=query_pos.device) if key_padding is None else key_padding[:, query_pos].float()
+    return real if row_weight is None else real * row_weight
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -365,8 +371,9 @@ class Backend:
     def dense(self, q, k, v, allowed, scaling: float) -> torch.Tensor:
         raise NotImplementedError("the reference backend has no dense shortcut")
 
-    def warmup_loss(self, q, k, q_I, k_I, w_I, query_pos, key_padding, scaling: float, heads: str = "sum") -> torch.Tensor:
-        return warmup_indexer_loss(q, k, q_I, k_I, w_I, query_pos, key_padding, scaling, self.chunk_elements, heads)
+    def warmup_loss(self, q, k, q_I, k_I, w_I, query_pos, key_padding, scaling: float, heads: str = "sum",
+                    row_weight: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        return warmup_indexer_loss(q, k, q_I, k_I, w_I, query_pos, key_padding, scaling, self.chunk_elements, heads, row_weight)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -377,13 +384,14 @@ REFERENCE = Backend()
 
 def dsa_attention(
     q, k, v, q_I, k_I, w_I, query_pos, key_padding, topk: int, scaling: float, training: bool, backend: Backend = REFERENCE,
-    selection: str = "indexer", heads: str = "sum",
+    selection: str = "indexer", heads: str = "sum", row_weight: torch.Tensor | None = None,
 ):
     """Top-k sparse attention of one layer and, in training, the sparse-stage indexer loss.
 
     q: B, Hq, T, D; k, v: B, Hkv, S, D (cache and new tokens); q_I: B, T, H_I, d_I; k_I: B, S, d_I; w_I: B, T, H_I;
     query_pos: T (S - T, ..., S - 1); key_padding: B, S bool (True = real token) or None.
-    Returns out: B, T, Hq, D and the mean over real query rows of `sparse_kl` (None unless training).
+    Returns out: B, T, Hq, D and the mean over real query rows of `sparse_kl` (None unless training), each row
+    weighted by row_weight (B, T; None: 1).
     A chunk sees only the keys up to its last query: the later ones are never allowed. selection "oracle" ranks
     the keys by the true attention (`oracle_topk`) instead of the indexer's scores. heads: the target's head
     aggregation (`attention_target`).
@@ -411,21 +419,21 @@ def dsa_attention(
             if training:
                 kl = backend.sparse_kl(q_c.detach(), k_c.detach(), q_I_c, k_I_c, w_I_c, selected, valid, scaling, heads)
         if training:
-            counted = query_rows(pos, key_padding)  # B|1, C
+            counted = query_rows(pos, key_padding, None if row_weight is None else row_weight[:, rows])  # B|1, C
             kl_sum, n_rows = kl_sum + (kl * counted).sum(), n_rows + counted.sum()
     loss = kl_sum / n_rows.clamp_min(1) if training else None  # n_rows is a tensor: no host sync
     return torch.cat(outs, dim=1), loss
 
 
 def warmup_indexer_loss(q, k, q_I, k_I, w_I, query_pos, key_padding, scaling: float, chunk_elements: int = CHUNK_ELEMENTS,
-                        heads: str = "sum"):  # fmt: skip
+                        heads: str = "sum", row_weight: torch.Tensor | None = None):  # fmt: skip
     """The dense warm-up's indexer loss of one layer: the mean over real query rows of `warmup_kl` (every allowed
-    key). Shapes as `dsa_attention`; returns a scalar. The attention output itself is the stock dense one."""
+    key), each row weighted by row_weight (B, T; None: 1). Shapes as `dsa_attention`; returns a scalar. The attention output itself is the stock dense one."""
     S = k.shape[2]
     kl_sum, n_rows = 0.0, 0
     for rows in query_chunks(len(query_pos), S, chunk_elements):
         allowed = allowed_keys(query_pos[rows], key_padding, S)
         kl = maybe_checkpoint(warmup_kl, q[:, :, rows].detach(), k.detach(), q_I[:, rows], k_I, w_I[:, rows], allowed, scaling, heads)
-        counted = query_rows(query_pos[rows], key_padding)
+        counted = query_rows(query_pos[rows], key_padding, None if row_weight is None else row_weight[:, rows])
         kl_sum, n_rows = kl_sum + (kl * counted).sum(), n_rows + counted.sum()
     return kl_sum / n_rows.clamp_min(1)

@@ -30,7 +30,9 @@ key-value retrieval window built from the window itself (the project's own forma
 
 keys are random pseudo-words, values random 6-digit numbers, the needles at random places in the window's
 own tokens (cut to make room), the questions at the end; labels: the haystack's own, -100 on the needles
-and questions, the answer values labelled. Which windows are synthetic, and their keys, values and places
+and questions, the answer values labelled. Every window of the mix also carries `indexer_weight` (one per row, the
+weight of that query row in the indexer loss, dsa/core.py section 4): `question_weight` (flag --retrieval-weight)
+on the rows of the questions and answers, 1 elsewhere and in the plain windows. Which windows are synthetic, and their keys, values and places
 come from a generator seeded by (seed, window index): the stream stays deterministic and resumable.
 """
 
@@ -156,14 +158,17 @@ SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 class RetrievalMix(IterableDataset):
     """The windows of `windows` (a PackedSFT), each replaced with probability `share` by a synthetic retrieval
-    window of the same length with `pairs` key-value needles (module docstring)."""
+    window of the same length with `pairs` key-value needles, its question and answer rows weighted
+    `question_weight` in the indexer loss (module docstring)."""
 
-    def __init__(self, windows: PackedSFT, share: float, pairs: int = 4, seed: int = 0):
+    def __init__(self, windows: PackedSFT, share: float, pairs: int = 4, seed: int = 0, question_weight: float = 1.0):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"the retrieval share must be in [0, 1], got {share}")
         if pairs < 1:
             raise ValueError(f"the number of retrieval pairs must be >= 1, got {pairs}")
-        self.windows, self.share, self.pairs, self.seed = windows, share, pairs, seed
+        if question_weight < 1:
+            raise ValueError(f"the question rows' weight must be >= 1, got {question_weight}")
+        self.windows, self.share, self.pairs, self.seed, self.question_weight = windows, share, pairs, seed, question_weight
 
     @property
     def skipped(self) -> int:
@@ -174,6 +179,8 @@ class RetrievalMix(IterableDataset):
             rng = random.Random(f"{self.seed}:{index}")
             if rng.random() < self.share:
                 window = self.retrieval_window(window["input_ids"].tolist(), window["labels"].tolist(), rng)
+            else:
+                window = window | {"indexer_weight": torch.ones(len(window["input_ids"]))}
             yield window
 
     def retrieval_window(self, ids: list[int], labels: list[int], rng: random.Random) -> dict[str, torch.Tensor]:
@@ -197,14 +204,16 @@ class RetrievalMix(IterableDataset):
             start = cut
         out_ids += ids[start:room] + tail_ids
         out_labels += labels[start:room] + tail_labels
-        return {"input_ids": torch.tensor(out_ids), "labels": torch.tensor(out_labels)}
+        weight = torch.ones(len(out_ids))
+        weight[len(out_ids) - len(tail_ids):] = self.question_weight
+        return {"input_ids": torch.tensor(out_ids), "labels": torch.tensor(out_labels), "indexer_weight": weight}
 
 
 def training_windows(paths: list[Path], tokenizer, seq_len: int, retrieval_share: float = 0.0, retrieval_pairs: int = 4,
-                     seed: int = 0) -> IterableDataset:
+                     seed: int = 0, retrieval_weight: float = 1.0) -> IterableDataset:  # fmt: skip
     """The training stream of the warm-up and sparse stages: PackedSFT windows, with a share of synthetic retrieval
     windows when retrieval_share > 0."""
     windows = PackedSFT(paths, tokenizer, seq_len)
     if retrieval_share == 0:
         return windows
-    return RetrievalMix(windows, retrieval_share, retrieval_pairs, seed)
+    return RetrievalMix(windows, retrieval_share, retrieval_pairs, seed, retrieval_weight)

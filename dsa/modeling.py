@@ -108,6 +108,7 @@ class DSAAttention:
         cache=None,
         position_ids: torch.Tensor | None = None,  # B|1, T
         dsa_key_padding: torch.Tensor | None = None,  # B, S bool, True = real token (None: no padding)
+        dsa_row_weight: torch.Tensor | None = None,  # B, T: weight of each query row in the indexer loss (None: 1)
         **kwargs,
     ):
         B, T, _ = hidden_states.shape
@@ -130,11 +131,11 @@ class DSAAttention:
             if self.mode == "warmup":
                 out = self.stock_attention(q, k, v, attention_mask, **kwargs)
                 self.indexer_loss = backend.warmup_loss(q, k, q_I, k_I, w_I, query_pos, dsa_key_padding, self.scaling,
-                                                        self.target_heads)
+                                                        self.target_heads, dsa_row_weight)
             else:
                 out, self.indexer_loss = dsa_attention(
                     q, k, v, q_I, k_I, w_I, query_pos, dsa_key_padding, self.topk, self.scaling, self.training, backend, self.selection,
-                    self.target_heads,
+                    self.target_heads, dsa_row_weight,
                 )
         return self.o_proj(out.reshape(B, T, -1).contiguous()), None
 
@@ -178,7 +179,8 @@ def dsa_cache(config) -> DynamicCache:
 class DSAModel:
     """A DSA causal LM, mixed into a family's ForCausalLM: `class Qwen2DSAForCausalLM(DSAModel, Qwen2ForCausalLM)`
     with `attention_class` the family's DSA attention. Every layer's self_attn is a DSA attention; forward takes
-    the padding mask to the DSA layers and returns the indexer loss; generate() gets the indexer cache."""
+    the padding mask to the DSA layers and returns the indexer loss (`indexer_row_weight`, B x T: the weight of each
+    query row in it, core section 4); generate() gets the indexer cache."""
 
     attention_class: type
     _keep_in_fp32_modules_strict = ["weights_proj"]  # the indexer weights w are fp32, also in a bf16 checkpoint
@@ -190,7 +192,8 @@ class DSAModel:
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=None, **kwargs) -> DSACausalLMOutput:
+    def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=None, indexer_row_weight=None,
+                **kwargs) -> DSACausalLMOutput:  # fmt: skip
         if use_cache is None:
             use_cache = self.config.use_cache
         if use_cache and cache is None:
@@ -205,7 +208,8 @@ class DSAModel:
             attention_mask = None  # sparse layers read key_padding; no B x 1 x T x S mask is built for them
         kwargs["return_dict"] = True
         out = super().forward(
-            input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache, dsa_key_padding=key_padding, **kwargs
+            input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache, dsa_key_padding=key_padding,
+            dsa_row_weight=indexer_row_weight, **kwargs
         )
         losses = [layer.self_attn.indexer_loss for layer in self.model.layers if layer.self_attn.indexer_loss is not None]
         return DSACausalLMOutput(**out, indexer_loss=torch.stack(losses).mean() if losses else None)

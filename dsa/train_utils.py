@@ -71,6 +71,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--retrieval-share", type=float, default=0.0,
                    help="share of windows replaced by synthetic key-value retrieval windows (dsa/data.py), 0..1")
     p.add_argument("--retrieval-pairs", type=int, default=4, help="key-value needles per synthetic retrieval window")
+    p.add_argument("--retrieval-weight", type=float, default=1.0,
+                   help="weight (>= 1) of the retrieval windows' question and answer rows in the indexer loss mean")
     p.add_argument("--batch-size", type=int, help="windows per micro-batch and process")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, help="peak learning rate")
@@ -113,6 +115,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if not 0.0 <= args.retrieval_share <= 1.0:
         raise UsageError(f"--retrieval-share must be in [0, 1], got {args.retrieval_share}")
+    if not args.retrieval_weight >= 1:
+        raise UsageError(f"--retrieval-weight must be >= 1, got {args.retrieval_weight}")
+    if args.retrieval_weight != 1 and args.retrieval_share == 0:
+        raise UsageError(f"--retrieval-weight {args.retrieval_weight} weights the retrieval windows' questions: it needs --retrieval-share > 0")
     for name in ("save_every", "lr_warmup", "keep_checkpoints"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")

@@ -274,6 +274,25 @@ def test_max_target_heads_with_each_backend_equals_reference(name, mode, topk):
 
 
 @pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("mode", ["sparse", "warmup"])
+def test_row_weights_with_each_backend_equal_reference(name, mode):
+    """indexer_row_weight (--retrieval-weight) reaches every backend's loss path: losses and indexer gradients equal
+    the reference's, and differ from the unweighted ones."""
+    model = dsa.set_mode(gqa_dsa(topk=6), mode).train()
+    inputs = padded_inputs(5)
+    unweighted, _ = run(model, Backend(chunk_elements=30 * 4), **inputs)
+    row_weight = torch.ones(2, 30)
+    row_weight[:, -6:] = 20.0
+    ref, ref_grads = run(model, Backend(chunk_elements=30 * 4), indexer_row_weight=row_weight, **inputs)
+    out, out_grads = run(model, small(name), indexer_row_weight=row_weight, **inputs)
+    assert abs(ref.indexer_loss - unweighted.indexer_loss) > 1e-4
+    torch.testing.assert_close(out.indexer_loss, ref.indexer_loss, atol=1e-5, rtol=1e-5)
+    for n, g in ref_grads.items():
+        if ".indexer." in n:
+            torch.testing.assert_close(out_grads[n], g, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAST)
 def test_warmup_loss_without_autograd_equals_reference(name):
     model = dsa.set_mode(gqa_dsa(topk=6), "warmup").train()
     inputs = padded_inputs(4)

@@ -159,9 +159,10 @@ def test_files_are_interleaved_line_by_line(tokenizer, tmp_path):
     assert order == ["a0", "b0", "a1", "a2"]
 
 
-def retrieval_stream(tokenizer, share: float, seq_len: int = 256, pairs: int = 3):
+def retrieval_stream(tokenizer, share: float, seq_len: int = 256, pairs: int = 3, weight: float = 1.0):
     paths = resolve_data(f"{SAMPLES_DIR / 'sft_sample_en.jsonl'},{SAMPLES_DIR / 'sft_sample_zh.jsonl'}")
-    return training_windows(paths, tokenizer, seq_len, retrieval_share=share, retrieval_pairs=pairs, seed=7)
+    return training_windows(paths, tokenizer, seq_len, retrieval_share=share, retrieval_pairs=pairs, seed=7,
+                            retrieval_weight=weight)
 
 
 def take(stream, n):
@@ -196,6 +197,24 @@ def test_retrieval_windows_hold_every_needle_and_answer_it_at_the_end(tokenizer)
         assert rest == haystack["input_ids"].tolist()[: len(rest)]
 
 
+def test_retrieval_weight_marks_exactly_the_question_and_answer_rows(tokenizer):
+    """--retrieval-weight: a synthetic window's rows from its first question to its end weigh W in the indexer loss,
+    every other row 1; the plain windows of the mix weigh 1 everywhere; the tokens are those of weight 1."""
+    plain = take(retrieval_stream(tokenizer, 0.5), 12)
+    for window, same in zip(take(retrieval_stream(tokenizer, 0.5, weight=20.0), 12), plain):
+        assert torch.equal(window["input_ids"], same["input_ids"]) and torch.equal(same["indexer_weight"], torch.ones(256))
+        ids, weight = window["input_ids"], window["indexer_weight"]
+        text = tokenizer.decode(ids)
+        if "What is the access code" not in text:
+            assert torch.equal(weight, torch.ones(256))
+            continue
+        heavy = int((weight == 20.0).sum())
+        assert torch.equal(weight[: 256 - heavy], torch.ones(256 - heavy)) and heavy > 0
+        assert tokenizer.decode(ids[256 - heavy :]).startswith(" What is the access code of")
+        assert "What is the access code" not in tokenizer.decode(ids[: 256 - heavy])
+    assert any((w["indexer_weight"] == 20.0).any() for w in take(retrieval_stream(tokenizer, 0.5, weight=20.0), 12))
+
+
 def test_retrieval_share_is_deterministic_per_window_and_resumes(tokenizer):
     first, second = take(retrieval_stream(tokenizer, 0.5), 20), take(retrieval_stream(tokenizer, 0.5), 20)
     plain = take(retrieval_stream(tokenizer, 0.0), 20)
@@ -211,5 +230,7 @@ def test_retrieval_share_is_deterministic_per_window_and_resumes(tokenizer):
 def test_retrieval_bad_values(tokenizer):
     with pytest.raises(ValueError, match="share must be in \\[0, 1\\], got 1.5"):
         retrieval_stream(tokenizer, 1.5)
+    with pytest.raises(ValueError, match="question rows' weight must be >= 1, got 0.5"):
+        retrieval_stream(tokenizer, 0.5, weight=0.5)
     with pytest.raises(UsageError, match="--seq-len 32 is too short for 3 retrieval pairs"):
         take(retrieval_stream(tokenizer, 1.0, seq_len=32), 1)

@@ -46,11 +46,12 @@ def naive_rope(x: torch.Tensor, pos: int, rope_dim: int, theta: float) -> torch.
     return out
 
 
-def naive_layer(attn, x: torch.Tensor, topk: int | None, oracle: bool = False):
+def naive_layer(attn, x: torch.Tensor, topk: int | None, oracle: bool = False, row_weight: torch.Tensor | None = None):
     """One DSA attention layer for a single sequence x: T, hidden. topk None = dense attention. oracle: the top-k
     keys by the dense attention summed over heads (normalized) instead of the index scores.
 
-    Returns (output T x hidden, indexer KL averaged over queries with the target over the attended set).
+    Returns (output T x hidden, indexer KL averaged over queries with the target over the attended set, each query
+    weighted by row_weight: T, default 1).
     """
     cfg = attn.config
     T = x.shape[0]
@@ -94,7 +95,8 @@ def naive_layer(attn, x: torch.Tensor, topk: int | None, oracle: bool = False):
         log_q = torch.log_softmax(torch.stack([scores[s] for s in keys]), 0)
         kls.append((target * (target.log() - log_q)).sum())
     out = torch.stack(outs) @ attn.o_proj.weight.T
-    return out, torch.stack(kls).mean()
+    row_weight = torch.ones(T) if row_weight is None else row_weight
+    return out, (row_weight * torch.stack(kls)).sum() / row_weight.sum()
 
 
 def first_layer_input(model, T: int = 12):
@@ -116,6 +118,22 @@ def test_layer_matches_naive_formulas(mode, topk):
     torch.testing.assert_close(out[0], expected_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attn.indexer_loss, expected_kl, atol=1e-5, rtol=1e-5)
     assert attn.indexer_loss > 1e-3  # a random indexer is far from the attention
+
+
+@pytest.mark.parametrize("mode,topk", [("sparse", 4), ("sparse", 64), ("warmup", 4)])
+def test_row_weighted_indexer_loss_matches_naive_formulas(mode, topk):
+    """dsa_row_weight (the training flag --retrieval-weight): the loss is sum_t c_t KL_t / sum_t c_t."""
+    _, model = dense_and_dsa(topk=topk)
+    attn, x, pos, cos, sin = first_layer_input(model)
+    dsa.set_mode(model, mode)
+    model.train()
+    row_weight = torch.tensor([1.0] * 8 + [20.0] * 4)  # the last rows count 20x, like a retrieval window's questions
+    attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None, position_ids=pos)
+    unweighted = attn.indexer_loss
+    attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None, position_ids=pos, dsa_row_weight=row_weight[None])
+    _, expected_kl = naive_layer(attn, x[0], topk if mode == "sparse" else None, row_weight=row_weight)
+    torch.testing.assert_close(attn.indexer_loss, expected_kl, atol=1e-5, rtol=1e-5)
+    assert abs(attn.indexer_loss - unweighted) > 1e-3
 
 
 @pytest.mark.parametrize("topk", [3, 64])

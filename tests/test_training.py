@@ -119,6 +119,20 @@ def test_warmup_continues_from_a_warmup_checkpoint_with_retrieval_windows(warmed
     assert json.loads((tmp_path / "config.json").read_text())["index_topk"] == 32
 
 
+@pytest.mark.parametrize("script", [warmup_train, train])
+def test_retrieval_weight_changes_the_indexer_loss_of_the_same_windows(script, warmed, tmp_path):
+    """--retrieval-weight 20: the same windows (all synthetic here), the questions' rows weigh 20x in the indexer KL,
+    so the first step's KL differs from the unweighted run's while its LM loss (sparse stage) does not."""
+    flags = TINY + ["--model", str(warmed), "--max-steps", "1", "--seq-len", "256", "--retrieval-share", "1", "--retrieval-pairs", "2"]
+    script.main(flags + ["--output-dir", str(tmp_path / "plain")])
+    script.main(flags + ["--output-dir", str(tmp_path / "weighted"), "--retrieval-weight", "20"])
+    plain, weighted = metrics(tmp_path / "plain")[0], metrics(tmp_path / "weighted")[0]
+    assert abs(weighted["kl"] - plain["kl"]) > 1e-3 * plain["kl"]
+    if script is train:
+        assert weighted["lm_loss"] == plain["lm_loss"]
+    assert json.loads((tmp_path / "weighted" / "args.json").read_text())["retrieval_weight"] == 20
+
+
 def test_sparse_stage_trains_base_and_indexers(warmed, sparse_run):
     before, after = weights(warmed), weights(sparse_run)
     assert any(".indexer." in name for name in after) and set(after) <= set(before)
@@ -256,6 +270,9 @@ def test_bad_input_gives_one_line_errors(base, warmed, tmp_path, capsys, monkeyp
     assert "--topk must be >= 1, got -3" in one_line_error(train.main, out + ["--topk", "-3"], capsys)
     assert "--keep-checkpoints must be >= 0, got -1" in one_line_error(train.main, out + ["--keep-checkpoints", "-1"], capsys)
     assert "--retrieval-share must be in [0, 1], got 2.0" in one_line_error(warmup_train.main, out + ["--retrieval-share", "2"], capsys)
+    assert "--retrieval-weight must be >= 1, got 0.5" in one_line_error(train.main, out + ["--retrieval-weight", "0.5"], capsys)
+    err = one_line_error(warmup_train.main, out + ["--retrieval-weight", "20"], capsys)
+    assert "--retrieval-weight 20.0" in err and "needs --retrieval-share > 0" in err
     err = one_line_error(warmup_train.main, TINY + out + ["--model", str(warmed), "--index-n-heads", "3"], capsys)
     assert "--index-n-heads 3 differs from" in err and "index_n_heads = 2" in err
     err = one_line_error(train.main, TINY + out + ["--model", str(base)], capsys)

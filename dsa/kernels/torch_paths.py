@@ -364,8 +364,8 @@ class WarmupLoss(torch.autograd.Function):
     """`core.warmup_indexer_loss` with its gradient computed in the forward pass, chunk by chunk, while the chunk's
     attention target is at hand (the reference recomputes every chunk, target included, in backward), each chunk over
     the keys up to its last query only (the reference scores every key, the later ones all masked). Saved for
-    backward: only the gradients of q_I, k_I and w_I. With loss = sum_t c_t KL_t / n (c_t: the row counts, n: their
-    number), l = q_I . k_I the indexer logits and I the index scores:
+    backward: only the gradients of q_I, k_I and w_I. With loss = sum_t c_t KL_t / n (c_t: the row weights, 1 for a
+    real token times row_weight[t], 0 for padding; n = sum_t c_t), l = q_I . k_I the indexer logits and I the index scores:
 
         dloss/dI[t, s]   = c_t / n * (softmax(I[t])[s] - p[t, s])       (allowed s; else 0)
         dloss/dw[t, j]   = sum_s dI[t, s] * relu(l[t, j, s]),   dl[t, j, s] = dI[t, s] * w[t, j] * [l[t, j, s] > 0]
@@ -373,11 +373,11 @@ class WarmupLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_I, k_I, w_I, q, k, query_pos, key_padding, scaling, chunk_elements, heads="sum"):
+    def forward(ctx, q_I, k_I, w_I, q, k, query_pos, key_padding, scaling, chunk_elements, heads="sum", row_weight=None):
         wanted = ctx.needs_input_grad[:3]
         ctx.dtypes = [x.dtype for x in (q_I, k_I, w_I)]
         grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need else None for x, need in zip((q_I, k_I, w_I), wanted)]
-        counted = query_rows(query_pos, key_padding)  # B|1, T
+        counted = query_rows(query_pos, key_padding, row_weight)  # B|1, T
         n_rows = counted.sum().clamp_min(1)
         S, T, loss = k.shape[2], len(query_pos), q_I.new_zeros((), dtype=torch.float32)
         w_I = w_I.float()
@@ -409,4 +409,4 @@ class WarmupLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grads = [g * grad_loss if g is not None else None for g in ctx.saved_tensors]
         grads = [g.to(dtype) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)]
-        return *grads, None, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None, None
