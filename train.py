@@ -22,6 +22,9 @@ Options (docs/method.md, "Sparse-stage options"); the indexers always train in f
                        layer of the blocks (q/k/v/o, gate/up/down; not the embeddings and lm_head), at --lr; merged
                        into the weights at the end, so the output is a plain DSA checkpoint (the checkpoints/ of
                        the run hold the adapters unmerged: they resume the run, but do not load as a model)
+  --attention dense     the control: the same stage with the stock dense attention (DSA mode dense; the indexers
+                       neither run nor train, kl is 0): the dense fine-tune of the same data and budget, the baseline
+                       of an --loss lm recipe (an LM loss also adapts the model to the data, which dense gets too)
 metrics.jsonl: loss, lm_loss, kl (indexer), and distill_kl with --loss distill | lm+distill.
 """
 
@@ -39,15 +42,22 @@ from dsa.sources import resolve_data
 from dsa.train_utils import cli, common_parser, load_model, make_accelerator, parse_args, run_training
 
 LOSSES = ("lm", "distill", "lm+distill")
+ATTENTIONS = ("sparse", "dense")  # --attention: the sparse stage, or its dense control
 TRAIN_PARAMS = ("all", "attention", "lora")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # --train-params attention
 LORA_TARGETS = ATTENTION + ("gate_proj", "up_proj", "down_proj")  # --train-params lora: every linear layer of a block
 
 
+def indexer_kl(out) -> torch.Tensor:
+    """The indexer KL of a forward; 0 with --attention dense (the stock attention: no indexer runs)."""
+    return out.indexer_loss if out.indexer_loss is not None else out.logits.new_zeros((), dtype=torch.float32)
+
+
 def sparse_loss(model, batch):
     """--loss lm: LM loss (assistant tokens) + indexer KL; the two reach disjoint parameters."""
     out = model(input_ids=batch["input_ids"], labels=batch["labels"], indexer_row_weight=batch.get("indexer_weight"), use_cache=False)
-    return out.loss + out.indexer_loss, {"lm_loss": out.loss.item(), "kl": out.indexer_loss.item()}
+    kl = indexer_kl(out)
+    return out.loss + kl, {"lm_loss": out.loss.item(), "kl": kl.item()}
 
 
 def distill_loss(model, batch, teacher, args, autocast):
@@ -64,11 +74,12 @@ def distill_loss(model, batch, teacher, args, autocast):
         head = extract_model_from_parallel(model).lm_head.weight
         kl, lm = distill_losses(out.hidden_states[-1], head, teacher_hidden, teacher.lm_head.weight, batch["labels"],
                                 args.distill_temperature)
+    indexer = indexer_kl(out)
     if args.loss == "distill":
-        loss = kl + out.indexer_loss
+        loss = kl + indexer
     else:
-        loss = args.lm_weight * lm + args.distill_weight * kl + out.indexer_loss
-    return loss, {"lm_loss": lm.item(), "distill_kl": kl.item(), "kl": out.indexer_loss.item()}
+        loss = args.lm_weight * lm + args.distill_weight * kl + indexer
+    return loss, {"lm_loss": lm.item(), "distill_kl": kl.item(), "kl": indexer.item()}
 
 
 def load_teacher(name: str) -> torch.nn.Module:
@@ -118,6 +129,8 @@ def check_options(args) -> None:
     for name in ("lora_rank", "lora_alpha"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.attention == "dense" and args.loss == "distill":
+        raise UsageError("--attention dense --loss distill trains nothing: the dense student starts equal to its teacher")
     if args.train_params == "lora":
         try:
             import peft  # noqa: F401
@@ -137,12 +150,14 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     parser.add_argument("--lora-alpha", type=int, help="LoRA scale alpha: the update is (alpha / r) B A")
     parser.add_argument("--target-heads", choices=TARGET_HEADS, default="sum",
                         help="the indexer target's head aggregation: sum (the paper) or max (dsa/core.py, section 4)")
+    parser.add_argument("--attention", choices=ATTENTIONS, default="sparse",
+                        help="sparse (the stage) or dense (its control: the same training with the stock attention)")
     args = parse_args(parser, "sparse", argv)
     check_options(args)
     set_seed(args.seed)
     paths = resolve_data(args.data)
     model, tokenizer, saved_dtype = load_model(args.model, require=dsa.DSAModelConfig, hint=": run warmup_train.py first")
-    dsa.set_mode(model, "sparse")
+    dsa.set_mode(model, args.attention)
     dsa.set_target_heads(model, args.target_heads)
     if args.topk is not None:  # default: the checkpoint's index_topk
         dsa.set_topk(model, args.topk)

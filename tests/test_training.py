@@ -133,6 +133,20 @@ def test_retrieval_weight_changes_the_indexer_loss_of_the_same_windows(script, w
     assert json.loads((tmp_path / "weighted" / "args.json").read_text())["retrieval_weight"] == 20
 
 
+def test_dense_control_trains_the_base_with_stock_attention_and_leaves_the_indexers(warmed, sparse_run, tmp_path):
+    """--attention dense: the same stage and batches with the stock attention; the indexers neither run (kl 0) nor
+    change, every base weight trains, and the first LM loss (same weights, same batch) is the dense model's, not
+    the sparse run's."""
+    train.main(TINY + ["--model", str(warmed), "--output-dir", str(tmp_path), "--max-steps", "2", "--attention", "dense"])
+    before, after = weights(warmed), weights(tmp_path)
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor) == (".indexer." in name), name
+    rows, sparse_rows = metrics(tmp_path), metrics(sparse_run)
+    assert [row["kl"] for row in rows] == [0.0, 0.0]
+    assert abs(rows[0]["lm_loss"] - sparse_rows[0]["lm_loss"]) > 1e-4
+    assert json.loads((tmp_path / "args.json").read_text())["attention"] == "dense"
+
+
 def test_sparse_stage_trains_base_and_indexers(warmed, sparse_run):
     before, after = weights(warmed), weights(sparse_run)
     assert any(".indexer." in name for name in after) and set(after) <= set(before)
@@ -270,6 +284,8 @@ def test_bad_input_gives_one_line_errors(base, warmed, tmp_path, capsys, monkeyp
     assert "--topk must be >= 1, got -3" in one_line_error(train.main, out + ["--topk", "-3"], capsys)
     assert "--keep-checkpoints must be >= 0, got -1" in one_line_error(train.main, out + ["--keep-checkpoints", "-1"], capsys)
     assert "--retrieval-share must be in [0, 1], got 2.0" in one_line_error(warmup_train.main, out + ["--retrieval-share", "2"], capsys)
+    err = one_line_error(train.main, out + ["--attention", "dense", "--loss", "distill"], capsys)
+    assert "--attention dense --loss distill trains nothing" in err
     assert "--retrieval-weight must be >= 1, got 0.5" in one_line_error(train.main, out + ["--retrieval-weight", "0.5"], capsys)
     err = one_line_error(warmup_train.main, out + ["--retrieval-weight", "20"], capsys)
     assert "--retrieval-weight 20.0" in err and "needs --retrieval-share > 0" in err
