@@ -428,7 +428,8 @@ def dsa_attention(
 def warmup_indexer_loss(q, k, q_I, k_I, w_I, query_pos, key_padding, scaling: float, chunk_elements: int = CHUNK_ELEMENTS,
                         heads: str = "sum", row_weight: torch.Tensor | None = None):  # fmt: skip
     """The dense warm-up's indexer loss of one layer: the mean over real query rows of `warmup_kl` (every allowed
-    key), each row weighted by row_weight (B, T; None: 1). Shapes as `dsa_attention`; returns a scalar. The attention output itself is the stock dense one."""
+    key), each row weighted by row_weight (B, T; None: 1). Shapes as `dsa_attention`; returns a scalar. The
+    attention output itself is the stock dense one."""
     S = k.shape[2]
     kl_sum, n_rows = 0.0, 0
     for rows in query_chunks(len(query_pos), S, chunk_elements):

@@ -30,10 +30,10 @@ key-value retrieval window built from the window itself (the project's own forma
 
 keys are random pseudo-words, values random 6-digit numbers, the needles at random places in the window's
 own tokens (cut to make room), the questions at the end; labels: the haystack's own, -100 on the needles
-and questions, the answer values labelled. Every window of the mix also carries `indexer_weight` (one per row, the
-weight of that query row in the indexer loss, dsa/core.py section 4): `question_weight` (flag --retrieval-weight)
-on the rows of the questions and answers, 1 elsewhere and in the plain windows. Which windows are synthetic, and their keys, values and places
-come from a generator seeded by (seed, window index): the stream stays deterministic and resumable.
+and questions, the answer values labelled. Every window of the mix also carries `indexer_weight` (one per row,
+the weight of that query row in the indexer loss, dsa/core.py section 4): `question_weight` (flag
+--retrieval-weight) on the rows of the questions and answers, 1 elsewhere and in the plain windows. Which windows
+are synthetic, and their keys, values and places come from a generator seeded by (seed, window index): the stream stays deterministic and resumable.
 """
 
 import json
