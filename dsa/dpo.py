@@ -42,7 +42,6 @@ still logged (`indexer_kl`) to show the drift.
 import json
 from collections.abc import Iterator
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

@@ -4,10 +4,8 @@ import json
 import re
 
 import pytest
-import torch
 
 import compare
-import dsa
 from dsa.presets import SAMPLES_DIR
 
 HELD_OUT = str(SAMPLES_DIR / "sft_heldout.jsonl")
