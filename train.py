@@ -108,11 +108,15 @@ def base_trains(name: str, train_params: str) -> bool:
 
 
 def param_groups(model: torch.nn.Module, args) -> list[dict]:
-    """The base parameters that train (--train-params) at --lr, the indexers at --indexer-lr; every other
-    parameter frozen."""
+    """The base parameters that train (--train-params) at --lr, the indexers at --indexer-lr (frozen with
+    --attention dense: they do not run, and a parameter without a gradient breaks DDP); every other parameter
+    frozen."""
     base, indexer = [], []
     for name, p in model.named_parameters():
-        group = indexer if ".indexer." in name else base if base_trains(name, args.train_params) else None
+        if ".indexer." in name:
+            group = indexer if args.attention == "sparse" else None
+        else:
+            group = base if base_trains(name, args.train_params) else None
         p.requires_grad_(group is not None)
         if group is not None:
             group.append(p)

@@ -308,10 +308,10 @@ def sparse_kl(q, k, q_I, k_I, w_I, selected, valid, scaling: float, heads: str =
 
 def query_rows(query_pos: torch.Tensor, key_padding: torch.Tensor | None, row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The weight c_t of each query row in the loss mean: 1 for a real token, 0 for padding, times row_weight[t]
-    when given (B, T: one per query row, each >= 1, so that the mean's denominator clamp at 1 touches only an
-    all-padding input). B|1, T float."""
+    when given (B, T: one per query row; a sequence's weights sum to >= 1 over its real rows, so that the mean's
+    denominator clamp at 1 touches only an all-padding input). B|1, T float32."""
     real = torch.ones(1, len(query_pos), device=query_pos.device) if key_padding is None else key_padding[:, query_pos].float()
-    return real if row_weight is None else real * row_weight
+    return real if row_weight is None else real * row_weight.float()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,8 +31,10 @@ key-value retrieval window built from the window itself (the project's own forma
 keys are random pseudo-words, values random 6-digit numbers, the needles at random places in the window's
 own tokens (cut to make room), the questions at the end; labels: the haystack's own, -100 on the needles
 and questions, the answer values labelled. Every window of the mix also carries `indexer_weight` (one per row,
-the weight of that query row in the indexer loss, dsa/core.py section 4): `question_weight` (flag
---retrieval-weight) on the rows of the questions and answers, 1 elsewhere and in the plain windows. Which windows
+the weight of that query row in the indexer loss, dsa/core.py section 4): the rows of the questions and answers
+weigh `question_weight` (flag --retrieval-weight) times the other rows, scaled so that every window's weights sum
+to its length (plain windows: all 1). Every window then adds the same total weight to the loss's denominator, so
+the objective does not depend on how windows are split into micro-batches and processes. Which windows
 are synthetic, and their keys, values and places come from a generator seeded by (seed, window index): the stream stays deterministic and resumable.
 """
 
@@ -206,6 +208,7 @@ class RetrievalMix(IterableDataset):
         out_labels += labels[start:room] + tail_labels
         weight = torch.ones(len(out_ids))
         weight[len(out_ids) - len(tail_ids):] = self.question_weight
+        weight *= len(out_ids) / weight.sum()
         return {"input_ids": torch.tensor(out_ids), "labels": torch.tensor(out_labels), "indexer_weight": weight}
 
 

@@ -115,8 +115,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if not 0.0 <= args.retrieval_share <= 1.0:
         raise UsageError(f"--retrieval-share must be in [0, 1], got {args.retrieval_share}")
-    if not args.retrieval_weight >= 1:
-        raise UsageError(f"--retrieval-weight must be >= 1, got {args.retrieval_weight}")
+    if not (args.retrieval_weight >= 1 and math.isfinite(args.retrieval_weight)):
+        raise UsageError(f"--retrieval-weight must be finite and >= 1, got {args.retrieval_weight}")
     if args.retrieval_weight != 1 and args.retrieval_share == 0:
         raise UsageError(f"--retrieval-weight {args.retrieval_weight} weights the retrieval windows' questions: it needs --retrieval-share > 0")
     for name in ("save_every", "lr_warmup", "keep_checkpoints"):

@@ -292,6 +292,37 @@ def test_row_weights_with_each_backend_equal_reference(name, mode):
             torch.testing.assert_close(out_grads[n], g, atol=1e-5, rtol=1e-5)
 
 
+def layer_losses(model) -> torch.Tensor:
+    return torch.stack([layer.self_attn.indexer_loss for layer in model.model.layers])
+
+
+@pytest.mark.parametrize("name", ["reference"] + FAST)
+@pytest.mark.parametrize("mode", ["sparse", "warmup"])
+def test_row_weights_combine_single_sequences_by_their_weight_sums(name, mode):
+    """A padded batch of two, 4-row query chunks, other weights per sequence, spans across chunk boundaries: each
+    layer's loss is (L_0 C_0 + L_1 C_1) / (C_0 + C_1), with L_b the weighted loss of sequence b run alone and C_b
+    the sum of its real rows' weights; weights of 1 give the unweighted loss."""
+    model = dsa.set_backend(dsa.set_mode(gqa_dsa(topk=6), mode).train(), Backend(chunk_elements=30 * 4) if name == "reference" else small(name))
+    inputs = padded_inputs(5)  # sequence 1 has 5 padding tokens in front
+    row_weight = torch.ones(2, 30)
+    row_weight[0, 22:30], row_weight[1, 7:11] = 20.0, 5.0
+    x = inputs["input_ids"]
+    with torch.no_grad():
+        unweighted = model(**inputs).indexer_loss
+        torch.testing.assert_close(model(**inputs, indexer_row_weight=torch.ones(2, 30)).indexer_loss, unweighted)
+        batched = model(**inputs, indexer_row_weight=row_weight).indexer_loss
+        per_layer = layer_losses(model)
+        model(x[:1], indexer_row_weight=row_weight[:1], use_cache=False)
+        first = layer_losses(model)
+        model(x[1:, 5:], indexer_row_weight=row_weight[1:, 5:], use_cache=False)
+        second = layer_losses(model)
+    weight_0, weight_1 = row_weight[0].sum(), row_weight[1, 5:].sum()
+    expected = (first * weight_0 + second * weight_1) / (weight_0 + weight_1)
+    torch.testing.assert_close(per_layer, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched, expected.mean(), atol=1e-5, rtol=1e-5)
+    assert abs(batched - unweighted) > 1e-4
+
+
 @pytest.mark.parametrize("name", FAST)
 def test_warmup_loss_without_autograd_equals_reference(name):
     model = dsa.set_mode(gqa_dsa(topk=6), "warmup").train()

@@ -198,8 +198,9 @@ def test_retrieval_windows_hold_every_needle_and_answer_it_at_the_end(tokenizer)
 
 
 def test_retrieval_weight_marks_exactly_the_question_and_answer_rows(tokenizer):
-    """--retrieval-weight: a synthetic window's rows from its first question to its end weigh W in the indexer loss,
-    every other row 1; the plain windows of the mix weigh 1 everywhere; the tokens are those of weight 1."""
+    """--retrieval-weight: a synthetic window's rows from its first question to its end weigh W times its other rows
+    in the indexer loss, every window's weights sum to its length; the plain windows of the mix weigh 1 everywhere;
+    the tokens are those of weight 1."""
     plain = take(retrieval_stream(tokenizer, 0.5), 12)
     for window, same in zip(take(retrieval_stream(tokenizer, 0.5, weight=20.0), 12), plain):
         assert torch.equal(window["input_ids"], same["input_ids"]) and torch.equal(same["indexer_weight"], torch.ones(256))
@@ -208,11 +209,14 @@ def test_retrieval_weight_marks_exactly_the_question_and_answer_rows(tokenizer):
         if "What is the access code" not in text:
             assert torch.equal(weight, torch.ones(256))
             continue
-        heavy = int((weight == 20.0).sum())
-        assert torch.equal(weight[: 256 - heavy], torch.ones(256 - heavy)) and heavy > 0
+        torch.testing.assert_close(weight.sum(), torch.tensor(256.0))
+        light, top = weight.min(), weight.max()
+        torch.testing.assert_close(top / light, torch.tensor(20.0))
+        heavy = int((weight == top).sum())
+        assert (weight[: 256 - heavy] == light).all() and heavy > 0
         assert tokenizer.decode(ids[256 - heavy :]).startswith(" What is the access code of")
         assert "What is the access code" not in tokenizer.decode(ids[: 256 - heavy])
-    assert any((w["indexer_weight"] == 20.0).any() for w in take(retrieval_stream(tokenizer, 0.5, weight=20.0), 12))
+    assert any((w["indexer_weight"] > 1).any() for w in take(retrieval_stream(tokenizer, 0.5, weight=20.0), 12))
 
 
 def test_retrieval_share_is_deterministic_per_window_and_resumes(tokenizer):

@@ -286,7 +286,8 @@ def test_bad_input_gives_one_line_errors(base, warmed, tmp_path, capsys, monkeyp
     assert "--retrieval-share must be in [0, 1], got 2.0" in one_line_error(warmup_train.main, out + ["--retrieval-share", "2"], capsys)
     err = one_line_error(train.main, out + ["--attention", "dense", "--loss", "distill"], capsys)
     assert "--attention dense --loss distill trains nothing" in err
-    assert "--retrieval-weight must be >= 1, got 0.5" in one_line_error(train.main, out + ["--retrieval-weight", "0.5"], capsys)
+    assert "--retrieval-weight must be finite and >= 1, got 0.5" in one_line_error(train.main, out + ["--retrieval-weight", "0.5"], capsys)
+    assert "--retrieval-weight must be finite and >= 1, got inf" in one_line_error(train.main, out + ["--retrieval-weight", "inf"], capsys)
     err = one_line_error(warmup_train.main, out + ["--retrieval-weight", "20"], capsys)
     assert "--retrieval-weight 20.0" in err and "needs --retrieval-share > 0" in err
     err = one_line_error(warmup_train.main, TINY + out + ["--model", str(warmed), "--index-n-heads", "3"], capsys)
