@@ -33,6 +33,9 @@ def parse(argv: list[str] | None = None):
     args = parse_args(p, "dpo", argv)
     if args.seq_len is not None:
         raise UsageError("dpo_train.py does not pack sequences: use --max-length instead of --seq-len")
+    if args.retrieval_share != 0 or args.retrieval_weight != 1:
+        raise UsageError("dpo_train.py trains on preference pairs: --retrieval-share and --retrieval-weight are warm-up "
+                         "and sparse-stage flags")
     if args.max_length < 2:
         raise UsageError(f"--max-length must be >= 2, got {args.max_length}")
     if not args.beta > 0:

@@ -350,6 +350,7 @@ def test_dpo_train_dsa_indexer_learns_or_stays_frozen(dsa_base, tmp_path, freeze
         (["--beta", "0"], "--beta must be > 0, got 0.0"),
         (["--max-length", "1"], "--max-length must be >= 2, got 1"),
         (["--seq-len", "64"], "use --max-length instead of --seq-len"),
+        (["--retrieval-share", "0.5"], "--retrieval-share and --retrieval-weight are warm-up and sparse-stage flags"),
     ],
 )
 def test_dpo_train_bad_input_one_line_error(base, tmp_path, capsys, flags, message):
