@@ -12,6 +12,9 @@ together). The gap is compare.py's paired per-window perplexity ratio DSA / dens
 --dense-from DIR takes the dense side of every point from DIR's per-window perplexities (the compare.py output of
 the dense model the recipes start from): a sparse stage that trains the base weights is then measured against that
 original dense model, not against its own dense mode (the warm-up freezes the base, so its points do not change).
+That is fair only for a recipe that leaves the dense model where it was (the warm-up, --loss distill): an LM loss
+also fits the model to the training data, which a dense fine-tune gets too, so measure such a run against its dense
+control instead (`train.py --attention dense` on the same data: --dense-from that control's compare.py output).
 
 The second table extrapolates each recipe from its last two points: the change of the gap between them, paired per
 window (compare.py picks the same windows for the same --data, length and --ppl-windows), with its 95% interval,
