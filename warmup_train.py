@@ -19,6 +19,8 @@ from dsa.errors import UsageError
 from dsa.sources import resolve_data
 from dsa.train_utils import cli, common_parser, load_model, parse_args, run_training
 
+INDEX_SIZES = ("index_n_heads", "index_head_dim", "index_rope_dim")
+
 
 def warmup_loss(model, batch):
     """The indexer KL (mean over query tokens and layers); logits of the last position only (unused)."""
@@ -26,42 +28,45 @@ def warmup_loss(model, batch):
     return out.indexer_loss, {"kl": out.indexer_loss.item()}
 
 
-def check_indexer_sizes(dsa_config: dsa.DSAConfig, name: str):
-    """A check for load_model: a DSA checkpoint's indexer sizes must equal the flags' (its indexers continue)."""
+def check_indexer_sizes(sizes: dict, topk: int, name: str):
+    """A check for load_model, run before any weight loads: a DSA checkpoint's indexers continue, so each size given
+    must equal its own (those not given are its own); for a dense model the given sizes must make a valid DSAConfig."""
 
     def check(config) -> None:
-        if not isinstance(config, dsa.DSAModelConfig):
+        if isinstance(config, dsa.DSAModelConfig):
+            for field, value in sizes.items():
+                if value != getattr(config, field):
+                    flag = "--" + field.replace("_", "-")
+                    raise UsageError(f"{flag} {value} differs from {name}'s {field} = {getattr(config, field)}")
             return
-        for field in ("index_n_heads", "index_head_dim", "index_rope_dim"):
-            if getattr(config, field) != getattr(dsa_config, field):
-                flag = "--" + field.replace("_", "-")
-                raise UsageError(f"{flag} {getattr(dsa_config, field)} differs from {name}'s {field} = {getattr(config, field)}")
+        try:
+            dsa.DSAConfig(index_topk=topk, **sizes)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
     return check
 
 
 def main(argv: list[str] | None = None) -> torch.nn.Module:
     parser = common_parser(__doc__.splitlines()[0])
-    parser.add_argument("--index-n-heads", type=int, help="H_I: indexer query heads")
-    parser.add_argument("--index-head-dim", type=int, help="d_I: indexer head size")
-    parser.add_argument("--index-rope-dim", type=int, help="indexer features that get RoPE (even, <= d_I)")
+    parser.add_argument("--index-n-heads", type=int, help="H_I: indexer query heads (default: a warm-up checkpoint's own, else 4)")
+    parser.add_argument("--index-head-dim", type=int, help="d_I: indexer head size (default: the checkpoint's, else 64)")
+    parser.add_argument("--index-rope-dim", type=int, help="indexer features that get RoPE, even, <= d_I (default: the checkpoint's, else 32)")
     parser.add_argument("--target-heads", choices=TARGET_HEADS, default="sum",
                         help="the indexer target's head aggregation: sum (the paper) or max (dsa/core.py, section 4)")
     args = parse_args(parser, "warmup", argv)
-    try:
-        dsa_config = dsa.DSAConfig(args.index_n_heads, args.index_head_dim, args.index_rope_dim, args.topk)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    # the indexer sizes given by flag or preset; the others: a warm-up checkpoint's own, or DSAConfig's defaults
+    sizes = {field: getattr(args, field) for field in INDEX_SIZES if getattr(args, field) is not None}
     set_seed(args.seed)
     if args.model is None:  # only --preset tiny leaves it unset
         args.model = str(tiny.ensure_tiny_base())
     paths = resolve_data(args.data)
-    model, tokenizer, saved_dtype = load_model(args.model, check=check_indexer_sizes(dsa_config, args.model))
+    model, tokenizer, saved_dtype = load_model(args.model, check=check_indexer_sizes(sizes, args.topk, args.model))
     if isinstance(model.config, dsa.DSAModelConfig):  # a warm-up checkpoint: continue training its indexers
-        dsa.set_topk(model, dsa_config.index_topk)
+        dsa.set_topk(model, args.topk)
     else:
         try:
-            model = dsa.add_indexers(model, dsa_config)  # copies the base weights: the dense model is dropped
+            model = dsa.add_indexers(model, dsa.DSAConfig(index_topk=args.topk, **sizes))  # copies the base weights: the dense model is dropped
         except (TypeError, ValueError) as e:  # not a supported family, or sliding-window layers
             raise UsageError(f"{args.model}: {e}") from None
     model.requires_grad_(False)

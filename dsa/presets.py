@@ -1,7 +1,8 @@
 """Default flag values of every stage (training and compare), and the `--preset tiny` values that replace them.
 
 Precedence: a flag given on the command line > the preset's value > the stage default. `model` is left
-out where the script decides it (warm-up and DPO: the tiny base model under --preset tiny).
+out where the script decides it (warm-up and DPO: the tiny base model under --preset tiny), and so are the
+warm-up's indexer sizes (a continued warm-up keeps its checkpoint's; a new one gets DSAConfig's defaults).
 
 The tiny preset (offline, 2 CPU cores): a 4-layer Qwen2 model built by `dsa.tiny`, the conversations
 bundled with the package (SAMPLES_DIR, dsa/samples/), windows of 512 tokens and k = 64 = L/8 (docs/method.md:
@@ -21,8 +22,7 @@ TINY_ROOT = Path("runs/tiny")
 COMMON = dict(data="deepctrl/deepctrl-sft-data", seq_len=4096, batch_size=1, grad_accum=16, seed=0, save_every=100)
 
 STAGE_DEFAULTS = {
-    "warmup": dict(COMMON, model="Qwen/Qwen2.5-0.5B", output_dir="runs/warmup", max_steps=500, lr=1e-3, topk=512,
-                   index_n_heads=4, index_head_dim=64, index_rope_dim=32),
+    "warmup": dict(COMMON, model="Qwen/Qwen2.5-0.5B", output_dir="runs/warmup", max_steps=500, lr=1e-3, topk=512),
     "sparse": dict(COMMON, model="runs/warmup", output_dir="runs/sparse", max_steps=1000, lr=1e-5, indexer_lr=1e-3,
                    topk=None, loss="lm", lm_weight=1.0, distill_weight=1.0, distill_temperature=1.0, train_params="all",
                    lora_rank=16, lora_alpha=32),

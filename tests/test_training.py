@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import dsa
 import train
 import warmup_train
+from dsa.presets import TINY_DATA
 from dsa.tiny import ensure_tiny_base
 from dsa.train_utils import cli
 from cli_errors import one_line_error
@@ -117,6 +118,22 @@ def test_warmup_continues_from_a_warmup_checkpoint_with_retrieval_windows(warmed
     for name, tensor in before.items():
         assert torch.equal(after[name], tensor) != (".indexer." in name), name
     assert json.loads((tmp_path / "config.json").read_text())["index_topk"] == 32
+
+
+def test_a_continued_warmup_keeps_its_checkpoints_indexer_sizes(base, tmp_path):
+    """A warm-up checkpoint with non-default indexer sizes continues without repeating the size flags (no preset:
+    the stage defaults do not override the checkpoint's sizes); only its indexers train."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    warmup_train.main(TINY + ["--model", str(base), "--output-dir", str(first), "--max-steps", "2",
+                              "--index-n-heads", "3", "--index-head-dim", "16", "--index-rope-dim", "8"])
+    warmup_train.main(["--model", str(first), "--data", TINY_DATA, "--output-dir", str(second), "--max-steps", "2",
+                       "--seq-len", "128", "--batch-size", "2", "--grad-accum", "1", "--topk", "16", "--save-every", "0"])
+    config = json.loads((second / "config.json").read_text())
+    assert (config["index_n_heads"], config["index_head_dim"], config["index_rope_dim"]) == (3, 16, 8)
+    before, after = weights(first), weights(second)
+    assert set(after) == set(before)
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor) != (".indexer." in name), name
 
 
 @pytest.mark.parametrize("script", [warmup_train, train])
@@ -292,6 +309,8 @@ def test_bad_input_gives_one_line_errors(base, warmed, tmp_path, capsys, monkeyp
     assert "--retrieval-weight 20.0" in err and "needs --retrieval-share > 0" in err
     err = one_line_error(warmup_train.main, TINY + out + ["--model", str(warmed), "--index-n-heads", "3"], capsys)
     assert "--index-n-heads 3 differs from" in err and "index_n_heads = 2" in err
+    err = one_line_error(warmup_train.main, TINY + out + ["--model", str(base), "--index-head-dim", "8"], capsys)
+    assert "index_rope_dim=16 must be <= index_head_dim=8" in err
     err = one_line_error(train.main, TINY + out + ["--model", str(base)], capsys)
     assert "'qwen2' checkpoint, not '<family>_dsa': run warmup_train.py first" in err
     monkeypatch.setenv("MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS", "1")
