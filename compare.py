@@ -98,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--oracle",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also measure perplexity, passkey and lm-eval with the oracle selection (top-k of the true attention): what k costs with a perfect indexer",
+        help="also measure perplexity, passkey and lm-eval with the oracle selection (the top-k of the true head-summed attention: the indexer's training target)",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), help="tiny: the pipeline's tiny model and bundled held-out data")
     sections = p.add_mutually_exclusive_group()

@@ -192,8 +192,10 @@ SELECTIONS = ("indexer", "oracle")  # what ranks the keys: the indexer (DSA), or
 def oracle_topk(q, k, query_pos: torch.Tensor, key_padding: torch.Tensor | None, topk: int, scaling: float):
     """The top-k allowed keys of each query by the true attention instead of the index score: by p[t, s], the
     head-summed dense attention of section 4 (`dense_target`, the warm-up's target). No indexer can select keys
-    carrying more of p, so a model run with this selection isolates what k itself costs from what the indexer
-    misses. For evaluation: it computes the dense attention it replaces.
+    carrying more of p (the upper bound on recall), so a model run with this selection separates what k costs at
+    the target the indexer learns from what the indexer misses of it. It is not the perplexity-optimal set (one
+    set serves every head; summing weighs heads alike), so a trained indexer can lose less perplexity than it.
+    For evaluation: it computes the dense attention it replaces.
 
     q: B, Hq, T, D; k: B, Hkv, S, D; query_pos, key_padding as `select_topk`  ->  selected, valid: B, T, K.
     """

@@ -337,8 +337,9 @@ def set_backend(model: torch.nn.Module, backend: str | Backend) -> torch.nn.Modu
 
 def set_selection(model: torch.nn.Module, selection: str) -> torch.nn.Module:
     """How sparse mode ranks the keys in every DSA layer: "indexer" (DSA, the default) or "oracle": the top-k of
-    the true head-summed dense attention (dsa.core.oracle_topk), an evaluation-only upper bound on what any
-    indexer could select at this k."""
+    the true head-summed dense attention (dsa.core.oracle_topk), evaluation only. The oracle set holds the most
+    head-summed attention mass any k keys can (an upper bound on recall), which is the indexer's training target;
+    it is not the set that loses the least perplexity, so a trained indexer can beat it there."""
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     for layer in dsa_attention_layers(model):

@@ -332,7 +332,7 @@ def summary_section(r: dict) -> str:
         f"{meta['vocab_size']}) on **{meta['device']}**, {meta['dtype']}. Dense side: {meta['baseline']}. "
         f"DSA: top-k sparse attention in every layer, the keys chosen by the lightning indexer. Oracle: the same "
         f"sparse attention with the top-k keys of the true head-summed dense attention (evaluation only): its loss is "
-        f"what k itself costs, the rest of DSA's loss is what the indexer misses. Ratios in parentheses (speed, "
+        f"what k costs with the indexer's target keys, DSA vs oracle what the indexer misses of that target. Ratios in parentheses (speed, "
         f"memory) are DSA / dense.",
         "",
     ]
