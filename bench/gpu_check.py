@@ -10,12 +10,16 @@ Sections (--sections, default all, in this order):
 
   correctness  every backend of dsa.available_backends() against "reference", on the device ("auto" is one of the
                others; "cpu" is left out on a GPU, its kernels take CPU tensors only).
-               fp32, a 2-layer model with random, sharpened weights (peaked attention, spread index scores), on a
-               batch with a left-padded row:
+               fp32, a model with random, sharpened weights (peaked attention, spread index scores), on a batch
+               with a left-padded row; forward, train and warmup on 1 layer, decode on 2:
                  forward      sparse mode, no grad: the logits
                  train        sparse mode, LM loss + indexer loss: both losses and every gradient (backends that train)
                  warmup       warm-up mode: the indexer loss and its gradients (backends that train)
                  decode       a prefix, then token by token through the cache, against the backend's own full forward
+               One layer against the reference: a backend's arithmetic may round differently (on a GPU it does), and
+               a 1e-7 difference in a layer's output can swap two keys tied to 1e-7 at the next layer's k-th place;
+               that layer then attends another key and the logits differ by ~1e-3 (seen on an H200 with 2 layers at
+               L = 4096), a legitimate result. The first layer's selection sees the same embeddings in every backend.
                  sensitivity  the reference's sparse and dense logits must differ by more than 10x the tolerance
                               (else a wrong selection could pass unnoticed)
                bf16:
@@ -128,6 +132,11 @@ class OneLineParser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def progress(line: str) -> None:
+    """One line on stderr as a long section goes (the report is written when the section ends)."""
+    print(f"gpu_check: {line}", file=sys.stderr, flush=True)
+
+
 def reset_peak(device) -> None:
     """Start a new peak-memory window: CUDA's allocator statistics, or the process's VmHWM (Linux)."""
     if device.type == "cuda":
@@ -184,11 +193,11 @@ def dense_model(shapes: dict, layers: int, seed: int = 0) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config)
 
 
-def correctness_model(plan: Plan) -> torch.nn.Module:
-    """2 layers, random weights; q/k and the indexer's wq/wk scaled by SHARPEN: peaked attention and distinct index
+def correctness_model(plan: Plan, layers: int) -> torch.nn.Module:
+    """`layers` layers, random weights; q/k and the indexer's wq/wk scaled by SHARPEN: peaked attention and distinct index
     scores, so that selecting other keys changes the output (random initialisation alone gives near-uniform
     attention, which hides selection errors)."""
-    model = dsa.add_indexers(dense_model(plan.shapes, 2), plan.sizes)
+    model = dsa.add_indexers(dense_model(plan.shapes, layers), plan.sizes)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight", "indexer.wq.weight", "indexer.wk.weight")):
@@ -300,17 +309,18 @@ def non_finite(tensors: dict) -> int:
 def model_checks(plan: Plan, device, backends: dict) -> list[dict]:
     """fp32: forward, train, warmup against the reference, and cached decode against the backend's own full forward;
     bf16: cached decode (the model in bf16) and finite outputs and gradients (also of a bf16-autocast training
-    step), on the 2-layer sharpened model."""
-    base = correctness_model(plan).to(device)
+    step). Against the reference: the 1-layer sharpened model (see the module docstring); the rest: the 2-layer one."""
+    single = correctness_model(plan, 1).to(device)
+    base = correctness_model(plan, 2).to(device)
     half = copy.deepcopy(base).to(torch.bfloat16)
     batch = padded_batch(plan.shapes["vocab_size"], plan.correctness_length, device)
     ids = batch["input_ids"][:1]  # decode: the unpadded row
     prefix = plan.correctness_length - plan.decode_tokens
     reference = backends["reference"]
-    ref = {"forward": run(base, reference, "sparse", batch, False, False, device),
-           "train": run(base, reference, "sparse", batch, True, False, device),
-           "warmup": run(base, reference, "warmup", batch, True, False, device)}  # fmt: skip
-    dense = run(base, reference, "dense", batch, False, False, device)["logits"]
+    ref = {"forward": run(single, reference, "sparse", batch, False, False, device),
+           "train": run(single, reference, "sparse", batch, True, False, device),
+           "warmup": run(single, reference, "warmup", batch, True, False, device)}  # fmt: skip
+    dense = run(single, reference, "dense", batch, False, False, device)["logits"]
     sensitivity = relative_error(dense, ref["forward"]["logits"])
     needed = SENSITIVITY * TOLERANCE["fp32"]
     rows = [{**row("reference", "fp32", "sensitivity", sensitivity, "sparse vs dense logits (must exceed)", needed),
@@ -318,7 +328,7 @@ def model_checks(plan: Plan, device, backends: dict) -> list[dict]:
 
     # each called with the loop's `name` and `backend` below
     def versus_reference(check: str, mode: str, train: bool):
-        return compare(name, "fp32", check, run(base, backend, mode, batch, train, False, device), ref[check])
+        return compare(name, "fp32", check, run(single, backend, mode, batch, train, False, device), ref[check])
 
     def decode(model, dtype: str):
         full = run(model, backend, "sparse", {"input_ids": ids}, False, False, device)["logits"][:, prefix - 1 :]
@@ -337,7 +347,7 @@ def model_checks(plan: Plan, device, backends: dict) -> list[dict]:
         guarded(rows, name, "fp32", lambda: decode(base, "fp32"))
         guarded(rows, name, "bf16", lambda: decode(half, "bf16"))
         guarded(rows, name, "bf16", finite)
-    del base, half
+    del single, base, half
     free(device)
     return rows
 
@@ -408,7 +418,7 @@ def correctness_section(plan: Plan, device, extra_backends: dict[str, Backend]) 
     """Every backend against the reference in fp32 and bf16 (see the module docstring)."""
     backends, skipped = backends_to_check(device, extra_backends)
     rows = model_checks(plan, device, backends) + layer_checks(plan, device, backends)
-    return {"length": plan.correctness_length, "topk": plan.sizes.index_topk, "layers": 2, "checks": rows,
+    return {"length": plan.correctness_length, "topk": plan.sizes.index_topk, "layers": {"versus_reference": 1, "decode": 2}, "checks": rows,
             "skipped": skipped, "passed": all(r["passed"] for r in rows)}  # fmt: skip
 
 
@@ -442,6 +452,7 @@ def training_section(plan: Plan, model_path: str | None, device) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     free(device)
                     continue
+                progress(f"training L={length} {kind.name} {'timed' if repeat else 'untimed'} step: {wall:.3f} s")
                 if repeat:
                     times[kind.name].append(wall)
                     peaks[kind.name].append(peak_mib(device))
@@ -560,6 +571,7 @@ def inference_section(plan: Plan, model_path: str | None, device) -> dict:
                     r["median_s"] = statistics.median(r["times_s"])
                 except Exception as error:  # out of memory is a result; anything else a failure
                     r["status"] = failure_status(error)
+                progress(f"{kind} L={length} {variant}: " + (f"median {r['median_s']:.4f} s" if r["status"] == "ok" else r["status"]))
                 free(device)
                 group.append(r)
             *stock, ours = group
@@ -693,6 +705,15 @@ def device_name(device) -> str:
     return train_step.device_name(device)
 
 
+def commit() -> str | None:
+    """The repository's short commit hash, or None where there is no git or no repository (a copied tree)."""
+    try:
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    except OSError:
+        return None
+    return found.stdout.strip() or None
+
+
 def versions() -> dict:
     found = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "accelerate", "triton", "flash_attn", "deepspeed"):
@@ -731,7 +752,7 @@ def markdown(report: dict) -> str:
              f"**{'PASSED' if report['passed'] else 'FAILED'}**", *(f"- {f}" for f in report["failures"]), ""]  # fmt: skip
     if "correctness" in report:
         c = report["correctness"]
-        lines += [f"## Correctness: each backend against `reference` ({c['layers']} layers, L = {c['length']}, k = {c['topk']})", "",
+        lines += [f"## Correctness: each backend against `reference` ({c['layers']['versus_reference']} layer, decode {c['layers']['decode']}; L = {c['length']}, k = {c['topk']})", "",
                   "Relative L2 error of the worst tensor (sensitivity: the reference's sparse vs dense logits, must exceed).", ""]  # fmt: skip
         lines += table(["backend", "dtype", "check", "error", "tolerance", "worst tensor", "pass"],
                        [[r["backend"], r["dtype"], r["check"], f"{r['error']:.2e}", f"{r['tolerance']:.0e}", r["worst"],
@@ -867,7 +888,7 @@ def main(argv: list[str] | None = None, extra_backends: dict[str, Backend] | Non
         "quick": args.quick,
         "versions": versions(),
         "backends": dsa.available_backends(),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip(),
+        "commit": commit(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "sections": args.sections,
         "plan": plan,  # the sizes of this run (written by vars)
@@ -880,7 +901,7 @@ def main(argv: list[str] | None = None, extra_backends: dict[str, Backend] | Non
     }
     for name in args.sections:
         start = time.perf_counter()
-        print(f"gpu_check: {name} ...", file=sys.stderr, flush=True)
+        progress(f"{name} ...")
         report[name] = sections[name]()
         report[name]["seconds"] = time.perf_counter() - start
         write(report, args.out)

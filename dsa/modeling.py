@@ -189,6 +189,10 @@ class DSAModel:
         super().__init__(config)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn = self.attention_class(config, i)
+        # FSDP (accelerate's transformer-based wrapping) makes one unit of each class named here. The indexer loss
+        # reaches the indexer's weights beside its layer's output, never through it, so the layer's unit would not
+        # gather them for that backward (in the warm-up nothing else flows back): each indexer is a unit of its own.
+        self._no_split_modules = {*(self._no_split_modules or ()), LightningIndexer.__name__}
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")

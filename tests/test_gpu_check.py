@@ -161,3 +161,13 @@ def test_bad_input_is_one_line(flags, message, tmp_path, capsys):
 def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
     assert gpu_check.main(["--out", str(tmp_path), "--device", "cuda"]) == 2
     assert capsys.readouterr().err.strip() == "error: --device cuda: no CUDA device is visible to torch"
+
+
+def test_commit_is_none_without_git_or_repository(monkeypatch, tmp_path):
+    """A copied tree (no .git) or a machine without git still runs the check: the report's commit is None."""
+    found = gpu_check.commit()  # the tests run in a clone
+    assert found is not None and len(found) >= 4 and set(found) <= set("0123456789abcdef"), found
+    monkeypatch.setattr(gpu_check, "REPO", tmp_path)  # no repository here
+    assert gpu_check.commit() is None
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git executable either
+    assert gpu_check.commit() is None
