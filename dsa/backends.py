@@ -43,6 +43,12 @@ TILE_ELEMENTS = 1 << 19  # CPU: index logits in key tiles of at most this many (
 QUERY_BLOCK = 32  # queries per block in sparse_attention_blocks
 MASKED_DENSE_KEYS = 5  # a chunk with at most this many times K keys takes masked_dense_attention
 TRAIN_BLOCK_ELEMENTS = 1 << 20  # training: gathered (query x key x feature) numbers per block of SparseAttention / SparseKL
+# The sizes above fit a CPU's caches. A GPU runs the same arithmetic in fewer, larger blocks, each block being a
+# handful of kernel launches: at the CPU sizes a sparse training step of Qwen2.5-0.5B at 4K tokens dispatched ~44K
+# operators per layer and took 64x the dense fine-tuning step on an H200, launch-bound (docs/performance.md).
+# Bounds at the GPU sizes: a chunk's index logits (2^24 query-key pairs x 4 heads, fp32) 256 MiB; a training
+# block's gathered keys or values (2^26 numbers, fp32) 256 MiB.
+DEVICE_SIZES = {"cuda": {"chunk_elements": 1 << 24, "query_block": 1024, "train_block_elements": 1 << 26}}
 
 
 class TorchBackend(Backend):
@@ -179,9 +185,13 @@ def check_backend(backend: str | Backend) -> str | Backend:
 
 
 @functools.cache
-def named_backend(name: str) -> Backend:
-    """The shared instance of backend `name` (backends hold no state between calls)."""
-    return BACKENDS[name]()
+def named_backend(name: str, device_type: str = "cpu") -> Backend:
+    """The shared instance of backend `name` for tensors on `device_type` (backends hold no state between calls),
+    with that device type's work sizes (DEVICE_SIZES; the reference takes only chunk_elements)."""
+    sizes = DEVICE_SIZES.get(device_type, {})
+    if BACKENDS[name] is Backend:
+        sizes = {key: value for key, value in sizes.items() if key == "chunk_elements"}
+    return BACKENDS[name](**sizes)
 
 
 @functools.cache
@@ -191,16 +201,16 @@ def auto_backend(device_type: str) -> Backend:
     if device_type == "cpu" and cpu_attention.missing_requirement() is None:
         try:
             cpu_attention.kernel()
-            return named_backend("cpu")
+            return named_backend("cpu", device_type)
         except RuntimeError as error:
             warnings.warn(f"{error}; DSA uses the torch backend", stacklevel=2)
     if device_type == "cuda" and missing_requirement("triton") is None:
-        return named_backend("triton")
-    return named_backend("torch")
+        return named_backend("triton", device_type)
+    return named_backend("torch", device_type)
 
 
 def resolve(backend: str | Backend, device: torch.device) -> Backend:
     """The Backend that computes a forward on `device` for a layer set to `backend` (a name or an instance)."""
     if isinstance(backend, Backend):
         return backend
-    return auto_backend(device.type) if backend == "auto" else named_backend(backend)
+    return auto_backend(device.type) if backend == "auto" else named_backend(backend, device.type)

@@ -8,10 +8,11 @@ by blocks. Then choosing backends by name.
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsa
-from dsa.backends import BACKENDS, CpuBackend, TorchBackend, available_backends, resolve
-from dsa.core import Backend, break_zero_ties, index_scores, select_topk, sparse_attention, sparse_kl
+from dsa.backends import BACKENDS, DEVICE_SIZES, TRAIN_BLOCK_ELEMENTS, CpuBackend, TorchBackend, available_backends, resolve
+from dsa.core import Backend, break_zero_ties, dsa_attention, index_scores, select_topk, sparse_attention, sparse_kl
 from dsa.kernels.torch_paths import (
     Scratch,
     SparseAttention,
@@ -384,3 +385,44 @@ def test_bench_strawman_is_the_same_attention_as_the_model():
         out = model(x).logits
         dsa.set_backend(model, MaskedDenseBackend())
         torch.testing.assert_close(model(x).logits, out, atol=1e-5, rtol=1e-5)
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the aten operators dispatched (on a GPU each is at least one kernel launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_gpu_work_sizes_are_chosen_on_cuda_and_change_no_number():
+    """On CUDA the named and auto backends take DEVICE_SIZES (fewer, larger blocks); on CPU the defaults. A sparse
+    training step of one layer at the GPU sizes gives the CPU sizes' output, loss and gradients with a small
+    fraction of the operators (T = S = 2048, k = 64, head_dim 64: 4 chunks and 8 blocks per KV head at the CPU
+    sizes, one of each at the GPU sizes)."""
+    gpu = resolve("torch", torch.device("cuda"))
+    assert gpu.train_block_elements == DEVICE_SIZES["cuda"]["train_block_elements"] > TRAIN_BLOCK_ELEMENTS
+    assert (gpu.chunk_elements, gpu.query_block) == (DEVICE_SIZES["cuda"]["chunk_elements"], DEVICE_SIZES["cuda"]["query_block"])
+    assert resolve("auto", torch.device("cuda")).chunk_elements == gpu.chunk_elements  # triton, or torch without it
+    assert resolve("reference", torch.device("cuda")).chunk_elements == gpu.chunk_elements
+    assert resolve("torch", torch.device("cpu")).train_block_elements == TRAIN_BLOCK_ELEMENTS
+
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, T, D, H_I, d_I, K = 1, 4, 2, 2048, 64, 2, 16, 64
+    inputs = [torch.randn(*shape, generator=g) for shape in
+              [(B, Hq, T, D), (B, Hkv, T, D), (B, Hkv, T, D), (B, T, H_I, d_I), (B, T, d_I), (B, T, H_I)]]  # fmt: skip
+    results, counts = [], []
+    for backend in (TorchBackend(), TorchBackend(**DEVICE_SIZES["cuda"])):
+        x = [t.clone().requires_grad_(True) for t in inputs]
+        with OperatorCount() as counter:
+            out, loss = dsa_attention(*x, torch.arange(T), None, K, D**-0.5, True, backend)
+            (out.square().mean() + loss).backward()
+        results.append([out, loss, *(t.grad for t in x)])
+        counts.append(counter.count)
+    for cpu_sized, gpu_sized in zip(*results):
+        torch.testing.assert_close(gpu_sized, cpu_sized, rtol=1e-5, atol=1e-6)
+    assert counts[1] * 5 < counts[0], counts
