@@ -27,6 +27,11 @@ Per length and kind: the wall-clock times of --repeats steps after --warmup-runs
 interquartile range, CPU time, and ratio_to_dense_ft = median / the dense_ft median of the same length and run.
 --profile: instead, one step of each kind after --warmup-runs, under torch.profiler: the operators by CPU self time
 (as bench/profile_prefill.py), printed; no JSON.
+--count-ops: instead of times, the aten operators one step of each kind dispatches (after --warmup-runs), into the
+JSON as `operators`. On a GPU each is at least one kernel launch, so this counts on any machine what a GPU step pays
+in launches. --work-sizes DEVICE: the --backend's work sizes of that device type (dsa.backends.DEVICE_SIZES), e.g.
+`--count-ops --work-sizes cuda --backend torch` on a CPU counts a GPU step's operators (but for the CPU-only key
+tiles of the index scores, which a GPU computes in one tile).
 """
 
 import argparse
@@ -45,6 +50,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: dsa, train.py, warmup_train.py
@@ -52,6 +58,7 @@ import dsa  # noqa: E402
 import train  # noqa: E402
 import warmup_train  # noqa: E402
 from dsa import tiny  # noqa: E402
+from dsa.backends import BACKENDS, DEVICE_SIZES, named_backend  # noqa: E402
 
 
 def lm_loss(model, batch):
@@ -177,6 +184,34 @@ def measure(model, steps: list, length: int, topk: int, repeats: int, warmup_run
     return results
 
 
+class OperatorCount(TorchDispatchMode):
+    """Counts the aten operators dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operators(model, steps: list, length: int, topk: int, warmup_runs: int, bf16: bool, device) -> list[dict]:
+    """The aten operators of one step of each kind, after --warmup-runs untimed ones."""
+    dsa.set_topk(model, topk)
+    batch = random_batch(model, length, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7, weight_decay=0.0)
+    results = []
+    for kind, loss_fn in steps:
+        for _ in range(warmup_runs):
+            timed_step(model, kind, loss_fn, batch, optimizer, bf16, device)
+        with OperatorCount() as counter:
+            timed_step(model, kind, loss_fn, batch, optimizer, bf16, device)
+        results.append({"length": length, "topk": topk, "kind": kind.name, "mode": kind.mode, "trains": kind.trains,
+                        "operators": counter.count})  # fmt: skip
+    return results
+
+
 def profile(model, steps: list, length: int, topk: int, warmup_runs: int, bf16: bool, device, rows: int) -> None:
     """Print the operators of one step of each kind by CPU self time."""
     dsa.set_topk(model, topk)
@@ -207,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--layers", type=int, help="keep only the first N decoder layers (to fit long lengths in memory)")
     parser.add_argument("--profile", type=int, metavar="ROWS", help="print the top ROWS operators of one step per kind instead")
+    parser.add_argument("--count-ops", action="store_true", help="count the operators of one step per kind instead of timing")
+    parser.add_argument("--work-sizes", choices=sorted({"cpu", *DEVICE_SIZES}), help="the --backend's work sizes of this device type")
     parser.add_argument("--index-n-heads", type=int, help="indexer heads for a dense --model (default 4; tiny: 2)")
     parser.add_argument("--index-head-dim", type=int, help="indexer head size (default 64; tiny: 32)")
     parser.add_argument("--index-rope-dim", type=int, help="indexer RoPE features (default 32; tiny: 16)")
@@ -215,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--kinds: unknown kind(s) {sorted(set(args.kinds) - set(names))}; choose from {','.join(names)}")
     if args.out is None and not args.profile:
         parser.error("--out FILE is required")
+    if args.work_sizes and args.backend not in BACKENDS:
+        parser.error(f"--work-sizes needs a named --backend ({', '.join(BACKENDS)}), got {args.backend!r}")
     if args.repeats < 1 or args.warmup_runs < 0 or not args.lengths or min(args.lengths) < 2:
         parser.error("--repeats must be >= 1, --warmup-runs >= 0, --lengths >= 2 each")
     torch.set_num_threads(args.threads)
@@ -223,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = dsa.DSAConfig(args.index_n_heads or sizes.index_n_heads, args.index_head_dim or sizes.index_head_dim,
                           args.index_rope_dim or sizes.index_rope_dim, sizes.index_topk)  # fmt: skip
     model = load(args.model, sizes, args.layers).to(device).train()
-    dsa.set_backend(model, args.backend)
+    dsa.set_backend(model, named_backend(args.backend, args.work_sizes) if args.work_sizes else args.backend)
     steps = [(kind, kind.make_loss(model)) for kind in STEP_KINDS if kind.name in args.kinds]
     if args.profile:
         for length in args.lengths:
@@ -236,12 +275,13 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads,
         "bf16": args.bf16,
         "backend": args.backend,
+        "work_sizes": args.work_sizes or device.type,
         "model": args.model or "tiny (dsa.tiny.TINY_MODEL, random weights, vocab 2048)",
         "parameters": sum(p.numel() for p in model.parameters()),
         "shapes": {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": config.num_attention_heads,
                    "kv_heads": config.num_key_value_heads, "vocab": config.vocab_size, "index_n_heads": config.index_n_heads,
                    "index_head_dim": config.index_head_dim, "index_rope_dim": config.index_rope_dim},  # k: per result
-        "repeats": args.repeats,
+        "repeats": None if args.count_ops else args.repeats,
         "warmup_runs": args.warmup_runs,
         "torch": torch.__version__,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip(),
@@ -250,10 +290,15 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for length in args.lengths:
-        results = measure(model, steps, length, args.topk or max(1, length // 8), args.repeats, args.warmup_runs, args.bf16, device)
+        topk = args.topk or max(1, length // 8)
+        if args.count_ops:
+            results = count_operators(model, steps, length, topk, args.warmup_runs, args.bf16, device)
+            print("\n".join(f"{r['length']:6} {r['kind']:9} {r['operators']:8} operators" for r in results), flush=True)
+        else:
+            results = measure(model, steps, length, topk, args.repeats, args.warmup_runs, args.bf16, device)
         report["results"] += results
         report["peak_rss_mib"] = peak_rss_mib()  # of the whole run so far
-        for r in results:
+        for r in results if not args.count_ops else []:
             ratio = f"{r['ratio_to_dense_ft']:.2f}x" if r["ratio_to_dense_ft"] is not None else "-"
             print(f"{r['length']:6} {r['kind']:9} median {r['median_s']:8.3f} s  IQR {r['iqr_s'][0]:.3f}-{r['iqr_s'][1]:.3f}  {ratio} of {BASELINE}", flush=True)
         tmp = args.out.with_suffix(".tmp")

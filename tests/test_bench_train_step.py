@@ -34,3 +34,26 @@ def test_train_step_bench_rejects_unknown_kinds(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_step.main(["--out", str(tmp_path / "x.json"), "--kinds", "dense_ft,nope"])
     assert "unknown kind(s) ['nope']" in capsys.readouterr().err
+
+
+def test_count_ops_counts_every_kind_and_the_gpu_sizes_dispatch_fewer(tmp_path):
+    """--count-ops: operators per step and kind in the JSON; with the GPU work sizes (--work-sizes cuda) the sparse
+    and warm-up steps dispatch a fraction of the CPU sizes' operators (2K tokens, k = 256: the CPU sizes split a
+    layer into several chunks and training blocks, the GPU sizes into one)."""
+    counts = {}
+    for sizes in ("cpu", "cuda"):
+        out = tmp_path / f"{sizes}.json"
+        report = train_step.main(["--out", str(out), "--lengths", "2048", "--topk", "256", "--layers", "1", "--count-ops",
+                                  "--warmup-runs", "0", "--backend", "torch", "--work-sizes", sizes, "--kinds", "dense_ft,warmup,sparse"])  # fmt: skip
+        assert json.loads(out.read_text()) == json.loads(json.dumps(report)) and report["work_sizes"] == sizes
+        counts[sizes] = {r["kind"]: r["operators"] for r in report["results"]}
+        assert set(counts[sizes]) == {"dense_ft", "warmup", "sparse"} and min(counts[sizes].values()) > 0
+    assert counts["cuda"]["dense_ft"] == counts["cpu"]["dense_ft"]  # no DSA layer in a dense step
+    assert counts["cuda"]["sparse"] * 3 < counts["cpu"]["sparse"], counts
+    assert counts["cuda"]["warmup"] < counts["cpu"]["warmup"], counts
+
+
+def test_work_sizes_need_a_named_backend(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_step.main(["--out", str(tmp_path / "x.json"), "--work-sizes", "cuda"])
+    assert "--work-sizes needs a named --backend" in capsys.readouterr().err
