@@ -8,9 +8,9 @@ by blocks. Then choosing backends by name.
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsa
+from bench.train_step import OperatorCount
 from dsa.backends import BACKENDS, DEVICE_SIZES, TRAIN_BLOCK_ELEMENTS, CpuBackend, TorchBackend, available_backends, resolve
 from dsa.core import Backend, break_zero_ties, dsa_attention, index_scores, select_topk, sparse_attention, sparse_kl
 from dsa.kernels.torch_paths import (
@@ -385,18 +385,6 @@ def test_bench_strawman_is_the_same_attention_as_the_model():
         out = model(x).logits
         dsa.set_backend(model, MaskedDenseBackend())
         torch.testing.assert_close(model(x).logits, out, atol=1e-5, rtol=1e-5)
-
-
-class OperatorCount(TorchDispatchMode):
-    """Counts the aten operators dispatched (on a GPU each is at least one kernel launch)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_gpu_work_sizes_are_chosen_on_cuda_and_change_no_number():
