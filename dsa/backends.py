@@ -43,9 +43,8 @@ TILE_ELEMENTS = 1 << 19  # CPU: index logits in key tiles of at most this many (
 QUERY_BLOCK = 32  # queries per block in sparse_attention_blocks
 MASKED_DENSE_KEYS = 5  # a chunk with at most this many times K keys takes masked_dense_attention
 TRAIN_BLOCK_ELEMENTS = 1 << 20  # training: gathered (query x key x feature) numbers per block of SparseAttention / SparseKL
-# The sizes above fit a CPU's caches. A GPU runs the same arithmetic in fewer, larger blocks, each block being a
-# handful of kernel launches: at the CPU sizes a sparse training step of Qwen2.5-0.5B at 4K tokens dispatched ~44K
-# operators per layer and took 64x the dense fine-tuning step on an H200, launch-bound (docs/performance.md).
+# The sizes above fit a CPU's caches. A GPU runs the same arithmetic in fewer, larger blocks: each block costs a
+# handful of kernel launches, and at the CPU sizes launches dominate a GPU's training step (docs/performance.md#gpu).
 # Bounds at the GPU sizes: a chunk's index logits (2^24 query-key pairs x 4 heads, fp32) 256 MiB; a training
 # block's gathered keys or values (2^26 numbers, fp32) 256 MiB.
 DEVICE_SIZES = {"cuda": {"chunk_elements": 1 << 24, "query_block": 1024, "train_block_elements": 1 << 26}}
