@@ -418,7 +418,7 @@ def correctness_section(plan: Plan, device, extra_backends: dict[str, Backend]) 
     """Every backend against the reference in fp32 and bf16 (see the module docstring)."""
     backends, skipped = backends_to_check(device, extra_backends)
     rows = model_checks(plan, device, backends) + layer_checks(plan, device, backends)
-    return {"length": plan.correctness_length, "topk": plan.sizes.index_topk, "layers": {"versus_reference": 1, "decode": 2}, "checks": rows,
+    return {"length": plan.correctness_length, "topk": plan.sizes.index_topk, "layers": 1, "decode_layers": 2, "checks": rows,
             "skipped": skipped, "passed": all(r["passed"] for r in rows)}  # fmt: skip
 
 
@@ -752,7 +752,7 @@ def markdown(report: dict) -> str:
              f"**{'PASSED' if report['passed'] else 'FAILED'}**", *(f"- {f}" for f in report["failures"]), ""]  # fmt: skip
     if "correctness" in report:
         c = report["correctness"]
-        lines += [f"## Correctness: each backend against `reference` ({c['layers']['versus_reference']} layer, decode {c['layers']['decode']}; L = {c['length']}, k = {c['topk']})", "",
+        lines += [f"## Correctness: each backend against `reference` ({c['layers']} layers, decode {c.get('decode_layers', c['layers'])}; L = {c['length']}, k = {c['topk']})", "",
                   "Relative L2 error of the worst tensor (sensitivity: the reference's sparse vs dense logits, must exceed).", ""]  # fmt: skip
         lines += table(["backend", "dtype", "check", "error", "tolerance", "worst tensor", "pass"],
                        [[r["backend"], r["dtype"], r["check"], f"{r['error']:.2e}", f"{r['tolerance']:.0e}", r["worst"],
