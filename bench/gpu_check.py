@@ -705,15 +705,6 @@ def device_name(device) -> str:
     return train_step.device_name(device)
 
 
-def commit() -> str | None:
-    """The repository's short commit hash, or None where there is no git or no repository (a copied tree)."""
-    try:
-        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    except OSError:
-        return None
-    return found.stdout.strip() or None
-
-
 def versions() -> dict:
     found = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "accelerate", "triton", "flash_attn", "deepspeed"):
@@ -888,7 +879,7 @@ def main(argv: list[str] | None = None, extra_backends: dict[str, Backend] | Non
         "quick": args.quick,
         "versions": versions(),
         "backends": dsa.available_backends(),
-        "commit": commit(),
+        "commit": train_step.commit(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "sections": args.sections,
         "plan": plan,  # the sizes of this run (written by vars)

@@ -124,6 +124,15 @@ def configure(model, kind: StepKind) -> None:
         p.requires_grad_(kind.trains == "all" or (kind.trains == "indexer") == is_indexer)
 
 
+def commit() -> str | None:
+    """The repository's short commit hash, or None where there is no git or no repository (a copied tree)."""
+    try:
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    except OSError:
+        return None
+    return found.stdout.strip() or None
+
+
 def peak_rss_mib() -> float | None:
     """The resident-set high-water mark of this process (Linux), MiB."""
     status = Path("/proc/self/status")
@@ -284,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": None if args.count_ops else args.repeats,
         "warmup_runs": args.warmup_runs,
         "torch": torch.__version__,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip(),
+        "commit": commit(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "results": [],
     }

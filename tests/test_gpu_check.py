@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dsa
-from bench import gpu_check
+from bench import gpu_check, train_step
 from dsa.backends import TorchBackend
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,9 +165,9 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
 
 def test_commit_is_none_without_git_or_repository(monkeypatch, tmp_path):
     """A copied tree (no .git) or a machine without git still runs the check: the report's commit is None."""
-    found = gpu_check.commit()  # the tests run in a clone
+    found = train_step.commit()  # the tests run in a clone
     assert found is not None and len(found) >= 4 and set(found) <= set("0123456789abcdef"), found
-    monkeypatch.setattr(gpu_check, "REPO", tmp_path)  # no repository here
-    assert gpu_check.commit() is None
+    monkeypatch.setattr(train_step, "__file__", str(tmp_path / "train_step.py"))  # no repository here
+    assert train_step.commit() is None
     monkeypatch.setenv("PATH", str(tmp_path))  # no git executable either
-    assert gpu_check.commit() is None
+    assert train_step.commit() is None
