@@ -19,8 +19,8 @@ control instead (`train.py --attention dense` on the same data: --dense-from tha
 The second table extrapolates each recipe from its last two points: the change of the gap between them, paired per
 window (compare.py picks the same windows for the same --data, length and --ppl-windows), with its 95% interval,
 and, where the gap falls measurably, the training tokens at which that straight line reaches --target (a linear
-extrapolation: optimistic where the curve flattens). Where the change's interval holds 0 the recipe has plateaued
-and nothing is extrapolated.
+extrapolation: optimistic where the curve flattens). Where the change's interval holds 0 the recipe has plateaued,
+and where the gap rises measurably the recipe makes it worse; neither is extrapolated.
 """
 
 import argparse
@@ -112,6 +112,8 @@ def extrapolation(rows: list[dict], target: float) -> str:
             gap, dt = b["gap"]["mean"], b["tokens"] - a["tokens"]
             if gap <= target:
                 reach = f"the gap's mean is already <= {100 * target:+.0f}%"
+            elif change["ci_low"] is not None and change["ci_low"] > 0:
+                reach = "the gap grows: no extrapolation"
             elif change["ci_high"] is None or change["ci_high"] >= 0:
                 reach = "no measurable change: plateau, no extrapolation"
             else:

@@ -80,6 +80,11 @@ def test_extrapolation_pairs_the_last_two_points_per_window(tmp_path, capsys):
                            "| no measurable change: plateau, no extrapolation |")
     assert "| one |" not in out.split("tokens A -> B")[1]  # one point: nothing to extrapolate
 
+    worse = write_windows(tmp_path / "worse", {"128": [0.30, 0.31, 0.32], "256": [0.11, 0.11, 0.11]})
+    gap_curve.main(["--point", f"r:1000:{a}", "--point", f"r:3000:{worse}", "--length", "4096", "--png", str(tmp_path / "p.png")])
+    # k = 128: changes +0.06 each: the gap rises measurably, which is neither a plateau nor a rate towards +3%
+    assert "| r | 128 | 1,000 -> 3,000 | +6.0 points [+6.0, +6.0]* | the gap grows: no extrapolation |" in capsys.readouterr().out
+
     gap_curve.main(["--point", f"r:1000:{a}", "--point", f"r:3000:{b}", "--target", "0.06", "--length", "4096",
                     "--png", str(tmp_path / "p.png")])
     assert "| r | 128 | 1,000 -> 3,000 | -20.0 points [-22.5, -17.5]* | the gap's mean is already <= +6% |" in capsys.readouterr().out
