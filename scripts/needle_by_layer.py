@@ -109,6 +109,8 @@ def ruler_prompts(task: str, length: int, limit: int, tokenizer) -> tuple[list[d
         prompts, skipped = [], 0
         for doc in docs:
             context = t.fewshot_context(doc, 0, gen_prefix=t.doc_to_prefix(doc))
+            if not doc.get("outputs"):
+                raise SystemExit(f"needle_by_layer: {task} is not a needle task (its documents have no reference outputs)")
             value = doc["outputs"][0]
             enc = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)
             span = needle_span(context, value, enc["offset_mapping"])
@@ -209,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
         if prompts is None:
             prompts, skipped = ruler_prompts(args.task, args.length, args.limit, AutoTokenizer.from_pretrained(path))
+            if not prompts:
+                raise SystemExit(f"needle_by_layer: no prompt of {args.task} at {args.length} has its answer once in the haystack")
             print(f"{len(prompts)} prompts of {args.task} at {args.length}" + (f", {skipped} skipped (value not found once)" if skipped else ""))
         r = measure(model, prompts, args.topk, args.mode)
         results[name] = {"task": args.task, "length": args.length, "topk": args.topk, "mode": args.mode, **r}
