@@ -154,8 +154,11 @@ def measure(model, prompts: list[dict], k: int, mode: str) -> dict:
     finally:
         for handle in handles:
             handle.remove()
-    average = {name: (lambda v: v.median()) if name == "rank_indexer" else (lambda v: v.mean()) for name in STATS}
-    result = {name: [average[name](torch.cat(layer[name])).item() for layer in values] for name in STATS}
+    result = {name: [] for name in STATS}
+    for layer in values:
+        for name in STATS:
+            v = torch.cat(layer[name])
+            result[name].append((v.median() if name == "rank_indexer" else v.mean()).item())
     result["correct"] = correct
     return result
 
