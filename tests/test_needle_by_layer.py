@@ -91,9 +91,9 @@ def test_command_on_ruler_prompts(checkpoint, tmp_path, capsys):
         assert answer.isdigit()  # niah_multikey_2's values are numbers
         assert answer in tokenizer.decode([p["ids"][i] for i in p["needle"]])  # the needle tokens hold the value
         assert max(p["needle"]) < len(p["ids"]) - p["answer"]  # in the haystack, not in the answer
-    out = tmp_path / "needle.json"
+    out = tmp_path / "new" / "needle.json"  # folders that do not exist yet are made
     args = ["--models", f"tiny={checkpoint}", "--length", "512", "--topk", "16", "--limit", "2", "--output", str(out)]
-    needle_by_layer.main([*args, "--plot", str(tmp_path / "needle.png")])
+    needle_by_layer.main([*args, "--plot", str(tmp_path / "plots" / "needle.png")])
     needle_by_layer.main([*args[:1], f"again={checkpoint}", *args[2:], "--mode", "dense"])  # appends to the JSON
     results = json.loads(out.read_text())
     layers = json.loads((checkpoint / "config.json").read_text())["num_hidden_layers"]
@@ -101,5 +101,5 @@ def test_command_on_ruler_prompts(checkpoint, tmp_path, capsys):
     for r in results.values():
         assert all(len(r[name]) == layers for name in needle_by_layer.STATS)  # one value per layer
         assert all(0.0 <= v <= 1.0 for name in ("mass_max", "mass_sum", "hit_indexer", "hit_oracle") for v in r[name])
-    assert (tmp_path / "needle.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "needle.png").stat().st_size > 0
     assert "| tiny | 1 |" in capsys.readouterr().out
