@@ -208,9 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--topk {args.topk} and --limit {args.limit} must be >= 1")
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.exists() else {}
-    for path in (output, Path(args.plot) if args.plot else None):  # before the minutes of measuring, not after
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+    for path in filter(None, (args.output, args.plot)):  # before the minutes of measuring, not after
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     prompts = None
     for name, path in specs:
         start = time.time()
